@@ -1,0 +1,5 @@
+import sys
+
+from premier.cli import main
+
+sys.exit(main())

@@ -1,0 +1,291 @@
+"""The batched personalized pipeline: many (prompt, user, seed) requests, one forward per step.
+
+Per call: validate -> encode prompts (cached per prompt) -> adapters once per request ->
+denoise with one transformer forward per step for the whole batch -> VAE decode.
+diffusers' FluxPipeline supplies the helpers (prompt encoding, latent packing, image ids,
+timestep shift, scheduler, image post-processing); the loop is ours because the transformer
+takes per-sample, per-token deltas.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from PIL import Image
+
+from premier.checkpoint import PremierModel
+from premier.errors import InvalidRequestError
+from premier.models.embedded import build_embedded_flux, build_embedded_premier
+from premier.models.loading import ModelProfile, load_flux_folder, profile_for
+from premier.requests import GenerationRequest, GenerationResult, GenerationSettings
+from premier.transformer import PremierTransformer
+from premier.users import validate_user_embedding
+
+
+class TextEncodingCache:
+    """LRU of (T5 token states (T, C), pooled CLIP vector (P,)) per prompt; thread-safe."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        with self._lock:
+            item = self._items.get(prompt)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(prompt)
+            self.hits += 1
+            return item
+
+    def put(self, prompt: str, value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if self.capacity <= 0:
+            return
+        with self._lock:
+            self._items[prompt] = value
+            self._items.move_to_end(prompt)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class PremierPipeline:
+    def __init__(
+        self,
+        flux_pipe: FluxPipeline,
+        premier: PremierModel | None,
+        profile: ModelProfile,
+        checkpoint_id: str | None = None,
+        text_cache_size: int = 256,
+    ):
+        self.flux_pipe = flux_pipe
+        self.premier = premier
+        self.profile = profile
+        self.checkpoint_id = checkpoint_id
+        if premier is not None:
+            premier.config.check_fits(flux_pipe.transformer.config)
+            premier.to(device=flux_pipe.transformer.device, dtype=flux_pipe.transformer.dtype)
+        self.transformer = PremierTransformer(flux_pipe.transformer, premier.config if premier else None)
+        self.text_cache = TextEncodingCache(text_cache_size)
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        checkpoint: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        text_cache_size: int = 256,
+    ) -> "PremierPipeline":
+        """`model=None` is the embedded tiny model (with its demo checkpoint unless `checkpoint` is given)."""
+        device = torch.device(device) if device is not None else default_device()
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        if model is None:
+            flux_pipe = build_embedded_flux()
+        else:
+            flux_pipe = load_flux_folder(model, dtype=dtype)
+        flux_pipe.to(device=device, dtype=dtype)
+        premier, checkpoint_id = None, None
+        if checkpoint is not None:
+            premier, checkpoint_id = PremierModel.load(checkpoint)
+        elif model is None:
+            premier = build_embedded_premier()
+            checkpoint_id = premier.checkpoint_id()
+        if premier is not None:
+            premier.config.check_fits(flux_pipe.transformer.config)
+        return cls(flux_pipe, premier, profile_for(flux_pipe, embedded=model is None), checkpoint_id, text_cache_size)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.flux_pipe.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flux_pipe.transformer.dtype
+
+    @property
+    def user_ids(self) -> list[str]:
+        return list(self.premier.users.user_ids) if self.premier is not None else []
+
+    def default_settings(self, **overrides) -> GenerationSettings:
+        p = self.profile
+        values = dict(height=p.default_size, width=p.default_size, steps=p.default_steps, guidance=p.default_guidance)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return GenerationSettings(**values)
+
+    # ----------------------------------------------------------------- validation
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.flux_pipe.tokenizer_2(prompt, truncation=False).input_ids)
+
+    def validate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings) -> None:
+        """Raise InvalidRequestError (naming the field and, in a batch, the request) for the first bad input."""
+        if not requests:
+            raise InvalidRequestError("requests", "the batch is empty")
+        settings.validate(self.profile)
+        for i, req in enumerate(requests):
+            where = f"requests[{i}]." if len(requests) > 1 else ""
+            try:
+                req.validate_basic()
+                n = self.count_tokens(req.prompt)
+                if n > self.profile.max_sequence_length:
+                    raise InvalidRequestError(
+                        "prompt", f"has {n} tokens; this model accepts at most {self.profile.max_sequence_length}"
+                    )
+                self._user_tokens(req.user)
+            except InvalidRequestError as e:
+                raise e.located(where) from None
+            except ValueError as e:  # InvalidEmbeddingError
+                raise InvalidRequestError(where + "user", str(e)) from None
+
+    def _user_tokens(self, user: str | torch.Tensor | None) -> torch.Tensor | None:
+        if user is None:
+            return None
+        if self.premier is None:
+            raise InvalidRequestError("user", "no Premier checkpoint is loaded, so only user=None is served")
+        if isinstance(user, str):
+            return self.premier.users.get(user)
+        return validate_user_embedding(user, self.premier.config).to(self.device, self.dtype)
+
+    # ----------------------------------------------------------------- stages
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(T5 states (B, T, C), pooled (B, P), text ids (T, 3)), encoding only prompts not in the cache."""
+        cached = {p: self.text_cache.get(p) for p in dict.fromkeys(prompts)}
+        missing = [p for p, v in cached.items() if v is None]
+        if missing:
+            embeds, pooled, _ = self.flux_pipe.encode_prompt(
+                prompt=missing, prompt_2=None, device=self.device, max_sequence_length=self.profile.max_sequence_length
+            )
+            for i, p in enumerate(missing):
+                cached[p] = (embeds[i], pooled[i])
+                self.text_cache.put(p, cached[p])
+        embeds = torch.stack([cached[p][0] for p in prompts]).to(self.dtype)
+        pooled = torch.stack([cached[p][1] for p in prompts]).to(self.dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=self.device, dtype=self.dtype)
+        return embeds, pooled, text_ids
+
+    @torch.inference_mode()
+    def compute_deltas(self, text_states: torch.Tensor, users: Sequence[str | torch.Tensor | None]) -> torch.Tensor | None:
+        """Per-request text deltas (B, n_blocks, T, D), computed once per request; None if no request has a user."""
+        tokens = [self._user_tokens(u) for u in users]
+        active = [i for i, t in enumerate(tokens) if t is not None]
+        if not active:
+            return None
+        assert self.premier is not None
+        user_tokens = torch.stack([tokens[i] for i in active]).to(self.device, self.dtype)
+        rows = self.premier.adapters.text_deltas(text_states[active], user_tokens)
+        deltas = rows.new_zeros((len(users), *rows.shape[1:]))
+        deltas[active] = rows
+        return deltas
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        requests: Sequence[GenerationRequest],
+        settings: GenerationSettings | None = None,
+        output_type: str = "pil",
+    ) -> list[GenerationResult]:
+        """Generate one image per request. All requests share `settings`; users and prompts may differ."""
+        settings = settings or self.default_settings()
+        self.validate(requests, settings)
+        if output_type not in ("pil", "np"):
+            raise InvalidRequestError("output_type", f"{output_type!r} is not 'pil' or 'np'")
+        pipe, device = self.flux_pipe, self.device
+        timings: dict[str, float] = {"batch_size": float(len(requests))}
+        clock = _Clock(device)
+
+        text_states, pooled, text_ids = self.encode_prompts([r.prompt for r in requests])
+        timings["encode_s"] = clock.lap()
+        deltas = self.compute_deltas(text_states, [r.user for r in requests])
+        timings["adapters_s"] = clock.lap()
+
+        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+        latents, image_ids = pipe.prepare_latents(
+            len(requests), pipe.transformer.config.in_channels // 4, settings.height, settings.width,
+            torch.float32, device, generators,
+        )  # fmt: skip
+        latents = latents.to(self.dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        sched_cfg = scheduler.config
+        mu = calculate_shift(
+            latents.shape[1], sched_cfg.get("base_image_seq_len", 256), sched_cfg.get("max_image_seq_len", 4096),
+            sched_cfg.get("base_shift", 0.5), sched_cfg.get("max_shift", 1.15),
+        )  # fmt: skip
+        sigmas = np.linspace(1.0, 1 / settings.steps, settings.steps)
+        timesteps, _ = retrieve_timesteps(scheduler, settings.steps, device, sigmas=sigmas, mu=mu)
+        scheduler.set_begin_index(0)
+        guidance = None
+        if pipe.transformer.config.guidance_embeds:
+            guidance = torch.full((len(requests),), settings.guidance, device=device, dtype=torch.float32)
+
+        for t in timesteps:
+            noise_pred = self.transformer(
+                hidden_states=latents,
+                encoder_hidden_states=text_states,
+                pooled_projections=pooled,
+                timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
+                img_ids=image_ids,
+                txt_ids=text_ids,
+                guidance=guidance,
+                text_deltas=deltas,
+            )
+            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+        timings["denoise_s"] = clock.lap()
+
+        images = self.decode(latents, settings.height, settings.width)
+        timings["decode_s"] = clock.lap()
+        timings["total_s"] = clock.total()
+        results = []
+        for req, img in zip(requests, images):
+            out = Image.fromarray(img) if output_type == "pil" else img
+            results.append(GenerationResult(out, req.prompt, req.user_label, req.seed, dict(timings)))
+        return results
+
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> np.ndarray:
+        """Packed latents -> (B, H, W, 3) uint8."""
+        pipe = self.flux_pipe
+        latents = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        latents = latents / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+        image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+        image = pipe.image_processor.postprocess(image, output_type="pt")
+        return (image.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class _Clock:
+    def __init__(self, device: torch.device):
+        self.sync = device.type == "cuda"
+        self.start = self.last = self._now()
+
+    def _now(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        now = self._now()
+        dt, self.last = now - self.last, now
+        return dt
+
+    def total(self) -> float:
+        return self.last - self.start

@@ -1,0 +1,92 @@
+"""Generation requests and their validation, shared by the pipeline, the CLI and the servers.
+
+A batch shares its `GenerationSettings` (size, steps, guidance): those fix the tensor shapes
+and the denoising schedule, so requests that agree on them can run in one forward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from premier.errors import InvalidRequestError
+from premier.models.loading import ModelProfile
+from premier.users import validate_user_id
+
+MAX_PROMPT_CHARS = 20_000
+MAX_SEED = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    height: int
+    width: int
+    steps: int
+    guidance: float
+
+    def validate(self, profile: ModelProfile) -> "GenerationSettings":
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            _check_int(name, v)
+            if v % profile.size_multiple:
+                raise InvalidRequestError(name, f"{v} is not a multiple of {profile.size_multiple}")
+            if not profile.min_size <= v <= profile.max_size:
+                raise InvalidRequestError(name, f"{v} is outside [{profile.min_size}, {profile.max_size}]")
+        _check_int("steps", self.steps)
+        if not 1 <= self.steps <= profile.max_steps:
+            raise InvalidRequestError("steps", f"{self.steps} is outside [1, {profile.max_steps}]")
+        if isinstance(self.guidance, bool) or not isinstance(self.guidance, (int, float)):
+            raise InvalidRequestError("guidance", f"must be a number, got {type(self.guidance).__name__}")
+        if not math.isfinite(self.guidance) or not 0.0 <= self.guidance <= profile.max_guidance:
+            raise InvalidRequestError("guidance", f"{self.guidance} is outside [0, {profile.max_guidance}]")
+        return self
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    user: str | torch.Tensor | None = None
+    """A user id, an explicit (N, U) embedding, or None for plain FLUX."""
+    seed: int = 0
+
+    @property
+    def user_label(self) -> str | None:
+        if self.user is None or isinstance(self.user, str):
+            return self.user
+        return "<embedding>"
+
+    def validate_basic(self) -> "GenerationRequest":
+        """Checks that need no model: types, prompt not empty, seed range, user id syntax."""
+        if not isinstance(self.prompt, str):
+            raise InvalidRequestError("prompt", f"must be a string, got {type(self.prompt).__name__}")
+        if not self.prompt.strip():
+            raise InvalidRequestError("prompt", "is empty")
+        if len(self.prompt) > MAX_PROMPT_CHARS:
+            raise InvalidRequestError("prompt", f"has {len(self.prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        _check_int("seed", self.seed)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise InvalidRequestError("seed", f"{self.seed} is outside [0, 2**63 - 1]")
+        if isinstance(self.user, str):
+            validate_user_id(self.user)
+        elif self.user is not None and not isinstance(self.user, torch.Tensor):
+            raise InvalidRequestError("user", f"must be a user id, an embedding tensor or None, not {type(self.user).__name__}")
+        return self
+
+
+@dataclass
+class GenerationResult:
+    image: Any
+    """A PIL image, or a (H, W, 3) uint8 numpy array with output_type='np'."""
+    prompt: str
+    user: str | None
+    seed: int
+    timings: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase for the whole batch this request ran in, plus its size."""
+
+
+def _check_int(name: str, v: Any) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InvalidRequestError(name, f"must be an integer, got {type(v).__name__} {v!r}")
