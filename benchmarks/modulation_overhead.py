@@ -5,7 +5,8 @@ Times one transformer step of a mid-size FLUX-architecture model for
   premier   PremierTransformer with deltas precomputed once per request (this project);
   reference the reference release's way: both adapters re-run inside every step, then premier;
 at batch 1 and 8 (a different user per sample) and two text lengths, and writes the ratios
-to plain in JSON. Run: `python benchmarks/modulation_overhead.py` (add `--quick` for a smoke run).
+to plain in JSON. It also counts FLOPs per step of the FLUX.1-dev-sized configuration on the
+meta device (no weights, no memory), which says what the measured ratios become at full scale. Run: `python benchmarks/modulation_overhead.py` (add `--quick` for a smoke run).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 from diffusers import FluxTransformer2DModel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -105,6 +107,44 @@ def run(size: dict, batches: list[int], text_lens: list[int], repeats: int) -> l
     return rows
 
 
+def count_flops(flux_kwargs: dict, premier: PremierConfig | None, text_len: int, image_tokens: int) -> dict:
+    """FLOPs of one step (batch 1) for plain, premier and the adapters, counted on the meta device."""
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    with torch.device("meta"), torch.inference_mode():
+        flux = FluxTransformer2DModel(**flux_kwargs)
+        config = premier or PremierConfig.for_transformer(flux.config)
+        model, adapters = PremierTransformer(flux, config), PremierAdapters(config)
+        c = flux.config
+        step = dict(
+            hidden_states=torch.empty(1, image_tokens, c.in_channels),
+            encoder_hidden_states=torch.empty(1, text_len, c.joint_attention_dim),
+            pooled_projections=torch.empty(1, c.pooled_projection_dim),
+            timestep=torch.empty(1),
+            img_ids=torch.empty(image_tokens, 3),
+            txt_ids=torch.empty(text_len, 3),
+            guidance=torch.empty(1) if c.guidance_embeds else None,
+        )
+        users = torch.empty(1, config.num_user_tokens, config.user_dim)
+        deltas = torch.empty(1, config.num_modulated_blocks, text_len, config.inner_dim)
+        plain = flops(lambda: flux(**step, return_dict=False))
+        ours = flops(lambda: model(**step, text_deltas=deltas))
+        adapter = flops(lambda: adapters.text_deltas(step["encoder_hidden_states"], users))
+    return {
+        "text_tokens": text_len,
+        "image_tokens": image_tokens,
+        "plain_tflop": plain / 1e12,
+        "premier_tflop": ours / 1e12,
+        "adapters_tflop": adapter / 1e12,
+        "premier_over_plain": ours / plain,
+        "reference_over_plain": (ours + adapter) / plain,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke test)")
@@ -113,7 +153,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     size = QUICK if args.quick else MID
     rows = run(size, [1, 8] if not args.quick else [1, 2], [64, 256] if not args.quick else [8], 1 if args.quick else args.repeats)
-    payload = {"config": {"size": size, "quick": args.quick}, "results": rows}
+    if args.quick:
+        flop_rows = [count_flops(dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                                      joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
+                                      axes_dims_rope=(4, 6, 6)),
+                                 PremierConfig(inner_dim=32, text_dim=32, num_user_tokens=2, user_dim=8, adapter_width=16,
+                                               adapter_heads=2, double_blocks=(0,)), 8, 16)]  # fmt: skip
+    else:  # FLUX.1-dev with the reference Premier config, 1024x1024 and 512x512, 512 text tokens
+        flop_rows = [count_flops(dict(guidance_embeds=True), PremierConfig(), 512, n) for n in (4096, 1024)]
+    for r in flop_rows:
+        print(f"FLOPs/step at {r['image_tokens']} image tokens: plain {r['plain_tflop']:.2f} T | premier "
+              f"x{r['premier_over_plain']:.4f} | reference x{r['reference_over_plain']:.4f}")  # fmt: skip
+    payload = {"config": {"size": size, "quick": args.quick}, "results": rows, "flops_flux_dev_sized": flop_rows}
     path = write_result("modulation_overhead" + ("_quick" if args.quick else ""), payload, args.out)
     print(f"wrote {path}")
     return payload

@@ -138,11 +138,17 @@ class PremierPipeline:
     def count_tokens(self, prompt: str) -> int:
         return len(self.flux_pipe.tokenizer_2(prompt, truncation=False).input_ids)
 
-    def validate(self, requests: Sequence[GenerationRequest], settings: GenerationSettings) -> None:
-        """Raise InvalidRequestError (naming the field and, in a batch, the request) for the first bad input."""
+    def validate(
+        self, requests: Sequence[GenerationRequest], settings: GenerationSettings
+    ) -> list[torch.Tensor | None]:
+        """Raise InvalidRequestError (naming the field and, in a batch, the request) for the first bad input.
+
+        Returns each request's user tokens (N, U) on the pipeline's device, or None for plain FLUX.
+        """
         if not requests:
             raise InvalidRequestError("requests", "the batch is empty")
         settings.validate(self.profile)
+        tokens = []
         for i, req in enumerate(requests):
             where = f"requests[{i}]." if len(requests) > 1 else ""
             try:
@@ -152,11 +158,12 @@ class PremierPipeline:
                     raise InvalidRequestError(
                         "prompt", f"has {n} tokens; this model accepts at most {self.profile.max_sequence_length}"
                     )
-                self._user_tokens(req.user)
+                tokens.append(self._user_tokens(req.user))
             except InvalidRequestError as e:
                 raise e.located(where) from None
             except ValueError as e:  # InvalidEmbeddingError
                 raise InvalidRequestError(where + "user", str(e)) from None
+        return tokens
 
     def _user_tokens(self, user: str | torch.Tensor | None) -> torch.Tensor | None:
         if user is None:
@@ -186,16 +193,18 @@ class PremierPipeline:
         return embeds, pooled, text_ids
 
     @torch.inference_mode()
-    def compute_deltas(self, text_states: torch.Tensor, users: Sequence[str | torch.Tensor | None]) -> torch.Tensor | None:
-        """Per-request text deltas (B, n_blocks, T, D), computed once per request; None if no request has a user."""
-        tokens = [self._user_tokens(u) for u in users]
+    def compute_deltas(self, text_states: torch.Tensor, tokens: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        """Per-request text deltas (B, n_blocks, T, D) from validated user tokens (None: no user).
+
+        Computed once per request, before the denoising loop; None if no request has a user.
+        """
         active = [i for i, t in enumerate(tokens) if t is not None]
         if not active:
             return None
         assert self.premier is not None
         user_tokens = torch.stack([tokens[i] for i in active]).to(self.device, self.dtype)
         rows = self.premier.adapters.text_deltas(text_states[active], user_tokens)
-        deltas = rows.new_zeros((len(users), *rows.shape[1:]))
+        deltas = rows.new_zeros((len(tokens), *rows.shape[1:]))
         deltas[active] = rows
         return deltas
 
@@ -208,7 +217,7 @@ class PremierPipeline:
     ) -> list[GenerationResult]:
         """Generate one image per request. All requests share `settings`; users and prompts may differ."""
         settings = settings or self.default_settings()
-        self.validate(requests, settings)
+        user_tokens = self.validate(requests, settings)
         if output_type not in ("pil", "np"):
             raise InvalidRequestError("output_type", f"{output_type!r} is not 'pil' or 'np'")
         pipe, device = self.flux_pipe, self.device
@@ -217,7 +226,7 @@ class PremierPipeline:
 
         text_states, pooled, text_ids = self.encode_prompts([r.prompt for r in requests])
         timings["encode_s"] = clock.lap()
-        deltas = self.compute_deltas(text_states, [r.user for r in requests])
+        deltas = self.compute_deltas(text_states, user_tokens)
         timings["adapters_s"] = clock.lap()
 
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]

@@ -173,29 +173,22 @@ class PremierTransformer(nn.Module):
         encoder_hidden_states = flux.context_embedder(encoder_hidden_states)
         image_rotary_emb = flux.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
 
-        for index, block in enumerate(flux.transformer_blocks):
-            slot = self._double_slot.get(index) if text_deltas is not None else None
-            if slot is None:
-                encoder_hidden_states, hidden_states = self._run(
-                    block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
-                )
-            else:
-                encoder_hidden_states, hidden_states = self._run(
-                    modulated_double_block_forward, block, hidden_states, encoder_hidden_states, temb,
-                    text_deltas[:, slot], image_rotary_emb, joint_attention_kwargs,
-                )  # fmt: skip
-
-        for index, block in enumerate(flux.single_transformer_blocks):
-            slot = self._single_slot.get(index) if text_deltas is not None else None
-            if slot is None:
-                encoder_hidden_states, hidden_states = self._run(
-                    block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
-                )
-            else:
-                encoder_hidden_states, hidden_states = self._run(
-                    modulated_single_block_forward, block, hidden_states, encoder_hidden_states, temb,
-                    text_deltas[:, slot], image_rotary_emb, joint_attention_kwargs,
-                )  # fmt: skip
+        stages = (
+            (flux.transformer_blocks, self._double_slot, modulated_double_block_forward),
+            (flux.single_transformer_blocks, self._single_slot, modulated_single_block_forward),
+        )
+        for blocks, slots, modulated_forward in stages:
+            for index, block in enumerate(blocks):
+                slot = slots.get(index) if text_deltas is not None else None
+                if slot is None:  # stock diffusers block
+                    encoder_hidden_states, hidden_states = self._run(
+                        block, hidden_states, encoder_hidden_states, temb, image_rotary_emb, joint_attention_kwargs
+                    )
+                else:
+                    encoder_hidden_states, hidden_states = self._run(
+                        modulated_forward, block, hidden_states, encoder_hidden_states, temb, text_deltas[:, slot],
+                        image_rotary_emb, joint_attention_kwargs,
+                    )  # fmt: skip
 
         hidden_states = flux.norm_out(hidden_states, temb)
         return flux.proj_out(hidden_states)

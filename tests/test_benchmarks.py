@@ -17,3 +17,6 @@ def test_modulation_overhead_quick(tmp_path):
     for r in rows:
         assert r["plain_s"] > 0 and r["premier_s"] > 0 and r["reference_s"] > 0
         assert abs(r["premier_over_plain"] - r["premier_s"] / r["plain_s"]) < 1e-9
+    (flops,) = data["flops_flux_dev_sized"]
+    # Per-token modulation adds work; re-running the adapters every step adds more.
+    assert 1.0 < flops["premier_over_plain"] < flops["reference_over_plain"]

@@ -63,7 +63,7 @@ def load_flux_folder(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> F
     _check_folder(path)
     try:
         pipe = FluxPipeline.from_pretrained(str(path), local_files_only=True, use_safetensors=True, torch_dtype=dtype)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not load the FLUX pipeline from {path}: {e}") from e
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.eval().requires_grad_(False)
