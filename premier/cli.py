@@ -1,11 +1,17 @@
 """The `premier` command. Heavy layers are imported inside each command so `--help` stays fast.
 
-Exit codes: 0 success, 2 bad input or usage, 3 a model or checkpoint that cannot be loaded.
+Exit codes: 0 success, 2 bad input or usage, 3 a model or checkpoint that cannot be loaded,
+4 training or fitting stopped on purpose (e.g. a NaN loss; the last good checkpoint is kept).
+
+Command groups that live in other layers (training, the user store, serving) register their
+subcommands through a module-level `register(subparsers)` listed in COMMAND_MODULES; those
+modules must import nothing heavy at import time.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -14,6 +20,9 @@ from typing import Callable
 
 EXIT_BAD_INPUT = 2
 EXIT_LOAD_ERROR = 3
+EXIT_STOPPED = 4
+
+COMMAND_MODULES: tuple[str, ...] = ()
 
 
 def _quiet_libraries() -> None:
@@ -163,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_model_args(p)
     p.set_defaults(func=cmd_info)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -175,9 +187,16 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    from premier.errors import CheckpointError, InvalidEmbeddingError, InvalidRequestError, ModelLoadError
+    from premier.errors import (
+        CheckpointError,
+        InvalidEmbeddingError,
+        InvalidRequestError,
+        ModelLoadError,
+        TrainingError,
+    )
 
     handlers: list[tuple[type[BaseException], int]] = [
+        (TrainingError, EXIT_STOPPED),
         (InvalidRequestError, EXIT_BAD_INPUT),
         (InvalidEmbeddingError, EXIT_BAD_INPUT),
         (CheckpointError, EXIT_LOAD_ERROR),

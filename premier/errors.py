@@ -44,3 +44,20 @@ class ModelLoadError(PremierError, FileNotFoundError):
 
 class CheckpointError(PremierError, ValueError):
     """A Premier checkpoint that is malformed, corrupt, or does not fit the base model."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A user record fitted against a different stage-1 checkpoint than the one being served or used."""
+
+    def __init__(self, user_id: str, record_checkpoint: str, expected_checkpoint: str):
+        super().__init__(
+            f"user {user_id!r} was fitted against stage-1 checkpoint {record_checkpoint[:12]}, "
+            f"not {expected_checkpoint[:12]}: refit it against this checkpoint"
+        )
+        self.user_id = user_id
+        self.record_checkpoint = record_checkpoint
+        self.expected_checkpoint = expected_checkpoint
+
+
+class TrainingError(PremierError, RuntimeError):
+    """Training or fitting stopped on purpose (a NaN loss, a dataset that cannot be used)."""
