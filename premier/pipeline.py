@@ -95,8 +95,14 @@ class PremierPipeline:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         text_cache_size: int = 256,
+        compile: bool | str | None = None,
+        quantize: str | None = None,
     ) -> "PremierPipeline":
-        """`model=None` is the embedded tiny model (with its demo checkpoint unless `checkpoint` is given)."""
+        """`model=None` is the embedded tiny model (with its demo checkpoint unless `checkpoint` is given).
+
+        compile: True or 'regional' (per repeated block, short start-up) or 'full'; quantize: 'int8',
+        'float8' or 'float8-dynamic' (see `optimize`).
+        """
         device = torch.device(device) if device is not None else default_device()
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -113,7 +119,29 @@ class PremierPipeline:
             checkpoint_id = premier.checkpoint_id()
         if premier is not None:
             premier.config.check_fits(flux_pipe.transformer.config)
-        return cls(flux_pipe, premier, profile_for(flux_pipe, embedded=model is None), checkpoint_id, text_cache_size)
+        pipe = cls(flux_pipe, premier, profile_for(flux_pipe, embedded=model is None), checkpoint_id, text_cache_size)
+        return pipe.optimize(compile=compile, quantize=quantize)
+
+    def optimize(
+        self, compile: bool | str | None = None, quantize: str | None = None, **compile_kwargs
+    ) -> "PremierPipeline":
+        """Quantize the FLUX block weights (torchao) and/or compile the transformer, in place; returns self.
+
+        Quantization comes first so that the compiled graphs see the quantized weights. Compilation
+        is lazy: each (batch size, resolution, text length) bucket compiles on its first batch, and
+        changing users never recompiles (their deltas are data). `compile_kwargs` go to
+        `premier.compile.compile_transformer` (backend, dynamic, options).
+        """
+        if quantize:
+            from premier.quantize import quantize_flux
+
+            quantize_flux(self.flux_pipe.transformer, quantize)
+        if compile:
+            from premier.compile import compile_transformer
+
+            mode = "regional" if compile is True else compile
+            self.transformer = compile_transformer(self.transformer, mode, **compile_kwargs)
+        return self
 
     # ----------------------------------------------------------------- properties
     @property

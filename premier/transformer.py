@@ -9,7 +9,9 @@ AdaLN-Zero is computed per token,
 where `delta` is the sum of the block-shared and block-distinct adapter outputs. Everything
 else (attention and its processors, feed-forwards, the image stream, embeddings, norms) is
 diffusers' own module with its own weights; only the two block forwards below differ from
-diffusers, and `tests/test_transformer.py` proves that with zero deltas they equal it.
+diffusers, and `tests/test_transformer.py` proves that with zero deltas they equal it. Their
+AdaLN and gated-residual arithmetic goes through `kernels` (fused Triton on a GPU, the PyTorch
+reference on a CPU), which is also what `torch.compile` sees as single custom operators.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from diffusers.models.transformers.transformer_flux import (
     FluxTransformerBlock,
 )
 
-from kernels import adaln_modulate, gated_residual
+from kernels import adaln_modulate, adaln_modulate_cat, gated_residual
 from premier.config import PremierConfig
 
 
@@ -89,9 +91,10 @@ def modulated_single_block_forward(
     img_shift, img_scale, img_gate = norm.linear(norm.silu(temb)).chunk(3, dim=-1)  # (B, D) each
     txt_shift, txt_scale, txt_gate = norm.linear(norm.silu(temb.unsqueeze(1) + text_delta)).chunk(3, dim=-1)
 
-    norm_text = adaln_modulate(encoder_hidden_states, txt_scale, txt_shift, eps=norm.norm.eps)
-    norm_image = adaln_modulate(hidden_states, img_scale, img_shift, eps=norm.norm.eps)
-    norm_hidden_states = torch.cat([norm_text, norm_image], dim=1)
+    # One launch writes the concatenated [text; image] rows (text per token, image per sample).
+    norm_hidden_states = adaln_modulate_cat(
+        encoder_hidden_states, hidden_states, txt_scale, txt_shift, img_scale, img_shift, eps=norm.norm.eps
+    )
 
     mlp_hidden_states = block.act_mlp(block.proj_mlp(norm_hidden_states))
     attn_output = block.attn(
@@ -123,6 +126,10 @@ class PremierTransformer(nn.Module):
             self._double_slot = {b: i for i, b in enumerate(config.double_blocks)}
             n_double = len(config.double_blocks)
             self._single_slot = {b: n_double + i for i, b in enumerate(config.single_blocks)}
+        # The functions that run modulated blocks; `premier.compile` swaps in compiled versions
+        # (regional compilation: one graph per block kind, shared by all blocks of that kind).
+        self.double_block_forward = modulated_double_block_forward
+        self.single_block_forward = modulated_single_block_forward
 
     @property
     def dtype(self) -> torch.dtype:
@@ -174,8 +181,8 @@ class PremierTransformer(nn.Module):
         image_rotary_emb = flux.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
 
         stages = (
-            (flux.transformer_blocks, self._double_slot, modulated_double_block_forward),
-            (flux.single_transformer_blocks, self._single_slot, modulated_single_block_forward),
+            (flux.transformer_blocks, self._double_slot, self.double_block_forward),
+            (flux.single_transformer_blocks, self._single_slot, self.single_block_forward),
         )
         for blocks, slots, modulated_forward in stages:
             for index, block in enumerate(blocks):
