@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
 from premier.adapters import PremierAdapters
 from premier.config import CONFIG_NAME, PremierConfig
 from premier.errors import CheckpointError
+from premier.files import read_safetensors
 from premier.users import UserEmbeddingTable
 
 ADAPTERS_FILE = "adapters.safetensors"
@@ -101,11 +102,9 @@ class PremierModel(nn.Module):
         if missing:
             raise CheckpointError(f"Premier checkpoint {folder} is missing {', '.join(missing)}")
         try:
-            with safe_open(str(folder / USERS_FILE), framework="pt") as f:
-                meta = f.metadata() or {}
+            users_state, meta = read_safetensors(folder / USERS_FILE)
             user_ids = json.loads(meta.get("user_ids", "[]"))
-            users_state = load_file(str(folder / USERS_FILE))
-            adapters_state = load_file(str(folder / ADAPTERS_FILE))
+            adapters_state, _ = read_safetensors(folder / ADAPTERS_FILE)
         except (SafetensorError, OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"Premier checkpoint {folder} is unreadable: {e}") from e
         if "weight" not in users_state:

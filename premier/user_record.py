@@ -20,9 +20,8 @@ from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
 
-from premier.atomic import atomic_save_safetensors
+from premier.files import atomic_save_safetensors, read_safetensors
 from premier.config import PremierConfig
 from premier.errors import CheckpointMismatchError, InvalidEmbeddingError, InvalidRequestError
 from premier.users import UserEmbeddingTable, validate_user_embedding, validate_user_id
@@ -34,7 +33,7 @@ RECORD_FORMAT_VERSION = "1"
 _TENSOR_NAME = {"coefficients": "coefficients", "direct": "embedding"}
 
 
-def _is_checkpoint_id(value: object) -> bool:
+def is_checkpoint_id(value: object) -> bool:
     return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
 
 
@@ -52,7 +51,7 @@ class UserRecord:
         validate_user_id(self.user_id)
         if self.mode not in MODES:
             raise InvalidRequestError("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not _is_checkpoint_id(self.checkpoint_id):
+        if not is_checkpoint_id(self.checkpoint_id):
             raise InvalidRequestError("checkpoint_id", f"must be a 64-character hex SHA-256, got {self.checkpoint_id!r}")
         v = self.vector
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
@@ -62,9 +61,13 @@ class UserRecord:
             raise InvalidEmbeddingError(
                 f"user {self.user_id!r}: {self.mode} must be a non-empty {want_dim}-D tensor, got shape {tuple(v.shape)}"
             )
+        # Checked after the cast: a finite float64 beyond float32's range would become inf when stored.
+        v = v.detach().to("cpu", torch.float32).contiguous()
         if not bool(torch.isfinite(v).all()):
-            raise InvalidEmbeddingError(f"user {self.user_id!r}: the {self.mode} hold NaN or infinite values")
-        object.__setattr__(self, "vector", v.detach().to("cpu", torch.float32).contiguous())
+            raise InvalidEmbeddingError(
+                f"user {self.user_id!r}: the {self.mode} hold NaN or infinite values (or values beyond float32 range)"
+            )
+        object.__setattr__(self, "vector", v)
         for name in ("created_at", "updated_at"):
             t = getattr(self, name)
             if not isinstance(t, (int, float)) or not math.isfinite(t):
@@ -139,12 +142,10 @@ class UserRecord:
         if not path.is_file():
             raise InvalidRequestError("record", f"user record {path} does not exist")
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-            tensors = load_file(str(path))
+            tensors, meta = read_safetensors(path)
         except (SafetensorError, OSError) as e:
             raise InvalidRequestError("record", f"user record {path} is unreadable: {e}") from None
         return cls.from_parts(tensors, meta, source=str(path))
 
 
-__all__ = ["UserRecord", "RecordMode", "MODES"]
+__all__ = ["UserRecord", "RecordMode", "MODES", "is_checkpoint_id"]

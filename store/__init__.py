@@ -1,5 +1,28 @@
 """The user store: durable user records and nearest-preference search (built on the core, never imported by it).
 
-Planned in issue 5: SQLite (WAL) records of fitted users, a FAISS index derived from them, and
-an LRU of materialised embeddings. Until then the servable users are a checkpoint's own table.
+    database.py     SQLite (WAL) records, the source of truth, with a change sequence
+    projection.py   index vectors whose geometry is that of the users' embeddings (basis Gram factor)
+    index.py        the FAISS index (exact or IVF by size) and its snapshots
+    user_store.py   UserStore: put/get/delete/list/nearest/materialise, catch-up, LRU of embeddings
+    concurrency.py  readers-writer lock for the index, versioned LRU of materialised embeddings
+    transfer.py     export/import (safetensors + JSONL)
+    errors.py       StoreError (a store that cannot be opened or read); bad input raises the core's errors
+    testing.py      synthetic bases for tests and benchmarks
+    cli.py          `premier users ...`
+
+`from store import UserStore` is lazy so that importing the package stays cheap.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["UserStore"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "UserStore":
+        from store.user_store import UserStore
+
+        return UserStore
+    raise AttributeError(f"module 'store' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: a temporary sibling, fsync, rename, fsync of the folder.
+"""Files: crash-safe writes (a temporary sibling, fsync, rename, fsync of the folder) and
+safetensors reads with their metadata.
 
 A reader (or a restart after `kill -9` or a full disk) sees either the old file or the new one,
 never a torn one.
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -52,3 +54,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, string metadata) of a safetensors file; raises SafetensorError or OSError for callers to word."""
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
