@@ -22,10 +22,16 @@ EXIT_BAD_INPUT = 2
 EXIT_LOAD_ERROR = 3
 EXIT_STOPPED = 4
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("premier.training.cli", "store.cli")
 
 
 def _quiet_libraries() -> None:
+    import logging
+
+    # diffusers imports torchao when it is installed; on CPU-only torch builds torchao logs a warning
+    # for each CUDA extension it cannot load, and torch warns about torchao's pytree registrations.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
@@ -43,6 +49,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", metavar="DIR", help="Premier checkpoint folder (default: the embedded demo checkpoint)")
     g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU")
+    g.add_argument("--compile", nargs="?", const="regional", choices=["regional", "full"],
+                   help="torch.compile the transformer: 'regional' (default; per repeated block, short start-up) or 'full'")  # fmt: skip
+    g.add_argument("--quantize", choices=["int8", "float8"], help="torchao weight-only quantization of the FLUX block weights")
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
@@ -59,7 +68,10 @@ def _load_pipeline(args: argparse.Namespace):
     from premier.pipeline import PremierPipeline
 
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    return PremierPipeline.load(model=args.model, checkpoint=args.checkpoint, device=args.device, dtype=dtype)
+    return PremierPipeline.load(
+        model=args.model, checkpoint=args.checkpoint, device=args.device, dtype=dtype,
+        compile=getattr(args, "compile", None), quantize=getattr(args, "quantize", None),
+    )  # fmt: skip
 
 
 def _settings(pipe, args: argparse.Namespace):

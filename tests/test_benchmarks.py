@@ -20,3 +20,17 @@ def test_modulation_overhead_quick(tmp_path):
     (flops,) = data["flops_flux_dev_sized"]
     # Per-token modulation adds work; re-running the adapters every step adds more.
     assert 1.0 < flops["premier_over_plain"] < flops["reference_over_plain"]
+
+
+def test_fit_speed_quick(tmp_path):
+    from benchmarks import fit_speed
+
+    out = tmp_path / "fit.json"
+    fit_speed.main(["--quick", "--out", str(out)])
+    data = json.loads(out.read_text())
+    (row,) = data["results"]
+    assert data["benchmark"] == "fit_speed_quick" and row["config"] == "quick"
+    for mode in ("coefficients", "direct"):
+        assert row[mode]["steps"] == 4 and row[mode]["steps_per_s"] > 0
+    assert abs(row["step_over_plain_forward"] - row["coefficients"]["s_per_step"] / row["plain_forward_batch2_s"]) < 1e-9
+    assert [r["images"] for r in row["by_images"]] == [1, 4] and [r["basis_users"] for r in row["by_basis_users"]] == [4, 16]

@@ -1,0 +1,64 @@
+"""Stage-1 and stage-2 objectives (DESIGN section 1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_timesteps(n: int, generator: torch.Generator, scheme: str = "logit_normal", mean: float = 1.0,
+                     std: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """t in (0, 1); t = 1 is pure noise. The reference release draws t = sigmoid(N(1, 1))."""
+    if scheme == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=generator) * std + mean)
+    if scheme == "uniform":
+        return torch.rand(n, generator=generator)
+    raise ValueError(f"unknown timestep sampling {scheme!r} (logit_normal or uniform)")
+
+
+def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow: x_t = (1 - t) x0 + t eps, velocity target v = eps - x0."""
+    t = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - t) * x0 + t * noise, noise - x0
+
+
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(pred.float(), target.float())
+
+
+def dispersion_loss(z: torch.Tensor, tau: float = 1.0, normalise_by_dim: bool = True) -> torch.Tensor:
+    """InfoNCE-L2 dispersion ("Diffuse and Disperse") over M >= 2 rows of z (M, ...):
+
+        log( 1/(M(M-1)) * sum_{i != j} exp(-||z_i - z_j||^2 / tau) )
+
+    computed with logsumexp. With `normalise_by_dim` the squared distance is divided by the
+    feature dimension (as the Diffuse-and-Disperse code does), so tau means the same for the
+    small shared adapter output and the n_blocks-times larger distinct one. Minimising it pushes
+    users apart; it is <= 0 and reaches 0 when every row is equal.
+    """
+    m = z.shape[0]
+    if m < 2:
+        raise ValueError("the dispersion loss needs at least two users")
+    flat = z.reshape(m, -1).float()
+    d2 = pairwise_sq_distances(flat)
+    if normalise_by_dim:
+        d2 = d2 / flat.shape[1]
+    off = ~torch.eye(m, dtype=torch.bool, device=z.device)
+    return torch.logsumexp(-d2[off] / tau, dim=0) - math.log(m * (m - 1))
+
+
+def pairwise_sq_distances(flat: torch.Tensor) -> torch.Tensor:
+    """||z_i - z_j||^2 from the Gram matrix: O(M^2) memory, unlike differences (M^2 x F), and no
+    square root, so the gradient stays finite where two users coincide (cdist's is not)."""
+    sq = flat.pow(2).sum(-1)
+    return (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * flat @ flat.T).clamp_min(0)
+
+
+def mean_pairwise_distance(z: torch.Tensor) -> float:
+    """Mean L2 distance between distinct rows, for reports and tests."""
+    m = z.shape[0]
+    flat = z.reshape(m, -1).float()
+    d = torch.cdist(flat, flat)
+    return float(d.sum() / (m * (m - 1)))
