@@ -194,7 +194,8 @@ def prepare_dataset(
                 meta = {"user": uid, "files": json.dumps([e.file for e in kept]), "prompts": json.dumps([e.prompt for e in kept])}
                 atomic_save_safetensors(tensors, out / SHARDS_DIR / name, metadata=meta)
             shards.append({"name": name, "user": uid, "count": len(kept), "fingerprint": fp, "skipped": skipped})
-            _write_manifest(out, settings, shards + [s for s in done.values() if s["name"] not in {x["name"] for x in shards}])
+            written = {x["name"] for x in shards}
+            _write_manifest(out, settings, shards + [s for s in done.values() if s["name"] not in written])
         finished += len(chunk)
         if progress:
             progress(finished, total)
