@@ -40,39 +40,28 @@ def _adaln_kernel(
     so_b, so_t,
     sa_b, sa_t, sas_b, sas_t, sah_b, sah_t,
     sb_b, sb_t, sbs_b, sbs_t, sbh_b, sbh_t,
-    BLOCK_D: tl.constexpr, TWO_SEGMENTS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """out[b, r] = LN(src[b, r]) * (1 + scale[b, r]) + shift[b, r]; rows < rows_a come from
-    segment a, the rest (when TWO_SEGMENTS) from segment b, so one launch writes the
+    segment a, the rest from segment b, so one launch writes the
     concatenated [text; image] rows of a single-stream block."""
     row = tl.program_id(0).to(tl.int64)
     sample = tl.program_id(1).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
     mask = cols < D
     out_ptrs = out_ptr + sample * so_b + row * so_t + cols
-    if TWO_SEGMENTS:
-        if row < rows_a:
-            y = _adaln_row(
-                a_ptr + sample * sa_b + row * sa_t + cols,
-                a_scale_ptr + sample * sas_b + row * sas_t + cols,
-                a_shift_ptr + sample * sah_b + row * sah_t + cols,
-                mask, D, eps,
-            )  # fmt: skip
-        else:
-            r = row - rows_a
-            y = _adaln_row(
-                b_ptr + sample * sb_b + r * sb_t + cols,
-                b_scale_ptr + sample * sbs_b + r * sbs_t + cols,
-                b_shift_ptr + sample * sbh_b + r * sbh_t + cols,
-                mask, D, eps,
-            )  # fmt: skip
+    # Row pointers of segment a, or of segment b for rows >= rows_a (a single-segment launch
+    # passes rows_a = all rows, so it never takes the b branch).
+    if row < rows_a:
+        x_ptrs = a_ptr + sample * sa_b + row * sa_t + cols
+        scale_ptrs = a_scale_ptr + sample * sas_b + row * sas_t + cols
+        shift_ptrs = a_shift_ptr + sample * sah_b + row * sah_t + cols
     else:
-        y = _adaln_row(
-            a_ptr + sample * sa_b + row * sa_t + cols,
-            a_scale_ptr + sample * sas_b + row * sas_t + cols,
-            a_shift_ptr + sample * sah_b + row * sah_t + cols,
-            mask, D, eps,
-        )  # fmt: skip
+        r = row - rows_a
+        x_ptrs = b_ptr + sample * sb_b + r * sb_t + cols
+        scale_ptrs = b_scale_ptr + sample * sbs_b + r * sbs_t + cols
+        shift_ptrs = b_shift_ptr + sample * sbh_b + r * sbh_t + cols
+    y = _adaln_row(x_ptrs, scale_ptrs, shift_ptrs, mask, D, eps)
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -130,7 +119,7 @@ def adaln_modulate(
         out.stride(0), out.stride(1),
         a.stride(0), a.stride(1), *_row_strides(a_scale), *_row_strides(a_shift),
         b.stride(0), b.stride(1), *_row_strides(b_scale), *_row_strides(b_shift),
-        BLOCK_D=block, TWO_SEGMENTS=rows_b > 0, num_warps=warps,
+        BLOCK_D=block, num_warps=warps,
     )  # fmt: skip
     return out
 

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from premier.adapters import PremierAdapters
@@ -101,12 +100,15 @@ class PremierModel(nn.Module):
         missing = [n for n in (ADAPTERS_FILE, USERS_FILE) if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(f"Premier checkpoint {folder} is missing {', '.join(missing)}")
+        def unreadable(msg: str) -> CheckpointError:
+            return CheckpointError(f"Premier checkpoint file {msg}")
+
+        users_state, meta = read_safetensors(folder / USERS_FILE, error=unreadable)
+        adapters_state, _ = read_safetensors(folder / ADAPTERS_FILE, error=unreadable)
         try:
-            users_state, meta = read_safetensors(folder / USERS_FILE)
             user_ids = json.loads(meta.get("user_ids", "[]"))
-            adapters_state, _ = read_safetensors(folder / ADAPTERS_FILE)
-        except (SafetensorError, OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"Premier checkpoint {folder} is unreadable: {e}") from e
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{folder / USERS_FILE} has unreadable user ids: {e}") from None
         if "weight" not in users_state:
             raise CheckpointError(f"{folder / USERS_FILE} has no 'weight' tensor")
         weight = users_state["weight"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 
@@ -56,7 +56,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def read_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, string metadata) of a safetensors file; raises SafetensorError or OSError for callers to word."""
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+def read_safetensors(path: str | Path, error: Callable[[str], Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, string metadata) of a safetensors file. A missing, truncated or foreign file raises
+    `error("<path> is unreadable: <why>")`, so each caller words it as its own error type."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as e:
+        raise error(f"{path} is unreadable: {e}") from None

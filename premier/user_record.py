@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
 
 from premier.files import atomic_save_safetensors, read_safetensors
 from premier.config import PremierConfig
@@ -141,10 +140,7 @@ class UserRecord:
         path = Path(path)
         if not path.is_file():
             raise InvalidRequestError("record", f"user record {path} does not exist")
-        try:
-            tensors, meta = read_safetensors(path)
-        except (SafetensorError, OSError) as e:
-            raise InvalidRequestError("record", f"user record {path} is unreadable: {e}") from None
+        tensors, meta = read_safetensors(path, error=lambda msg: InvalidRequestError("record", f"user record {msg}"))
         return cls.from_parts(tensors, meta, source=str(path))
 
 

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 
 from premier.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from premier.errors import InvalidRequestError
@@ -65,10 +64,7 @@ def read_export(folder: str | Path) -> Iterator[UserRecord]:
     for p in (tpath, lpath):
         if not p.is_file():
             raise InvalidRequestError("import", f"{p} does not exist (an export folder holds {TENSORS_FILE} and {LINES_FILE})")
-    try:
-        tensors, meta = read_safetensors(tpath)
-    except (SafetensorError, OSError) as e:
-        raise InvalidRequestError("import", f"{tpath} is unreadable: {e}") from None
+    tensors, meta = read_safetensors(tpath, error=lambda msg: InvalidRequestError("import", msg))
     if meta.get("format") != EXPORT_FORMAT or meta.get("format_version") != EXPORT_VERSION:
         raise InvalidRequestError("import", f"{tpath} is not a Premier user export (format {meta.get('format')!r})")
     body = lpath.read_bytes()

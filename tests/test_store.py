@@ -198,12 +198,18 @@ def test_ivf_index_recall_exact_path_and_updates(tmp_path):
 
 
 # ----------------------------------------------------------------------------- snapshots and catch-up
+def snapshotted_store(path, basis, n: int):
+    """A closed store of n users whose index snapshot is on disk."""
+    table, ckpt = basis
+    with UserStore(path, table, ckpt) as s:
+        s.put_many(coef_record(f"u{i}", ckpt, i) for i in range(n))
+        s.ensure_index()
+    return path
+
+
 def test_snapshot_is_loaded_not_rebuilt_and_caught_up(tmp_path, basis, monkeypatch):
     table, ckpt = basis
-    path = tmp_path / "s"
-    with UserStore(path, table, ckpt) as s:
-        s.put_many(coef_record(f"u{i}", ckpt, i) for i in range(50))
-        s.ensure_index()
+    path = snapshotted_store(tmp_path / "s", basis, 50)
     assert (path / "index" / MANIFEST).is_file()
     with UserStore(path, table, ckpt) as writer:
         writer.put(coef_record("late", ckpt, 99))  # written after the snapshot
@@ -225,10 +231,7 @@ def test_snapshot_is_loaded_not_rebuilt_and_caught_up(tmp_path, basis, monkeypat
 @pytest.mark.parametrize("damage", ["corrupt_file", "other_checkpoint", "ahead_of_db", "other_store", "missing_file"])
 def test_bad_snapshot_is_ignored_and_rebuilt(tmp_path, basis, damage):
     table, ckpt = basis
-    path = tmp_path / "s"
-    with UserStore(path, table, ckpt) as s:
-        s.put_many(coef_record(f"u{i}", ckpt, i) for i in range(40))
-        s.ensure_index()
+    path = snapshotted_store(tmp_path / "s", basis, 40)
     index_dir = path / "index"
     manifest = json.loads((index_dir / MANIFEST).read_text())
     file = index_dir / manifest["file"]

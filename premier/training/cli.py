@@ -37,8 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
     q.add_argument("--batch-size", type=int, default=8, help="encoder batch size (default 8)")
     _model_args(q)
-    q.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    q.set_defaults(func=cmd_prepare)
+    _finish(q, cmd_prepare)
 
     p = sub.add_parser(
         "train",
@@ -71,8 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int)
     _optim_args(p)
     _model_args(p, dtype=False)
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=cmd_train)
+    _finish(p, cmd_train)
 
     p = sub.add_parser(
         "fit-user",
@@ -94,8 +92,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     _optim_args(p, weight_decay_default=0.0)
     _model_args(p)
+    _finish(p, cmd_fit_user)
+
+
+def _finish(p: argparse.ArgumentParser, func: Any) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.set_defaults(func=cmd_fit_user)
+    p.set_defaults(func=func)
 
 
 def _model_args(p: argparse.ArgumentParser, dtype: bool = True) -> None:

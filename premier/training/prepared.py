@@ -309,10 +309,7 @@ class PreparedDataset:
 
     @staticmethod
     def _read_file(path: Path) -> dict[str, torch.Tensor]:
-        try:
-            return read_safetensors(path)[0]
-        except (SafetensorError, OSError) as e:
-            raise DatasetError(f"{path} is unreadable: {e}") from None
+        return read_safetensors(path, error=DatasetError)[0]
 
     def get(self, indices: Sequence[int]) -> Batch:
         parts: dict[str, list[torch.Tensor]] = {"latents": [], "text": [], "pooled": []}

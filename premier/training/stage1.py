@@ -27,7 +27,6 @@ from typing import Any
 
 import torch
 from diffusers import FluxTransformer2DModel
-from safetensors import SafetensorError
 
 from premier.files import atomic_save_safetensors, atomic_write_bytes, fsync_dir, read_safetensors
 from premier.checkpoint import PremierModel
@@ -98,11 +97,11 @@ class Stage1Trainer:
         state_file = folder / TRAINER_STATE
         if not state_file.is_file():
             raise CheckpointError(f"{folder} is a Premier checkpoint without {TRAINER_STATE}; it cannot be resumed")
+        tensors, meta = read_safetensors(state_file, error=CheckpointError)
         try:
-            tensors, meta = read_safetensors(state_file)
             saved = json.loads(meta["config"])
-        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{state_file} is unreadable: {e}") from None
+        except (KeyError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{state_file} has no readable settings: {e}") from None
         merged = _merge(saved, overrides or {})
         changed = sorted(k for k in _flatten(merged) if k not in RESUMABLE_CHANGES and _flatten(merged)[k] != _flatten(saved)[k])
         if changed:
