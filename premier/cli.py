@@ -22,7 +22,7 @@ EXIT_BAD_INPUT = 2
 EXIT_LOAD_ERROR = 3
 EXIT_STOPPED = 4
 
-COMMAND_MODULES: tuple[str, ...] = ("premier.training.cli", "store.cli")
+COMMAND_MODULES: tuple[str, ...] = ("premier.training.cli", "store.cli", "premier.world.cli", "serving.cli")
 
 
 def _quiet_libraries() -> None:

@@ -152,3 +152,16 @@ def build_embedded_premier(
         torch.manual_seed(seed + 1)
         model = PremierModel(embedded_premier_config(spec), list(user_ids))
     return model.eval().requires_grad_(False)
+
+
+def embedded_demo_records() -> list["UserRecord"]:
+    """The embedded model's demo users as store records (what `premier serve` seeds a new store with).
+
+    Direct-mode records of the demo rows of the embedded checkpoint's user table.
+    """
+    from premier.user_record import UserRecord
+
+    premier = build_embedded_premier()
+    ckpt = premier.checkpoint_id()
+    return [UserRecord(user_id=u, mode="direct", vector=premier.users.get(u).detach().float().cpu().clone(),
+                       checkpoint_id=ckpt, fit={"source": "embedded demo user"}) for u in DEMO_USERS]
