@@ -57,8 +57,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_settings_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("generation (defaults depend on the model)")
     g.add_argument("--steps", type=int, help="denoising steps")
-    g.add_argument("--height", type=int, help="image height in pixels (a multiple of 16)")
-    g.add_argument("--width", type=int, help="image width in pixels (a multiple of 16)")
+    g.add_argument("--height", type=int, help="image height in pixels (a multiple of 16 for FLUX, of 4 for the embedded model)")
+    g.add_argument("--width", type=int, help="image width in pixels (a multiple of 16 for FLUX, of 4 for the embedded model)")
     g.add_argument("--guidance", type=float, help="FLUX distilled guidance scale")
 
 
@@ -84,7 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     pipe = _load_pipeline(args)
     user = None if args.user in (None, "", "none") else args.user
-    result = pipe([GenerationRequest(args.prompt, user, args.seed)], _settings(pipe, args))[0]
+    result = pipe([GenerationRequest(args.prompt, _demo_users(args).get(user, user), args.seed)], _settings(pipe, args))[0]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     result.image.save(out)
@@ -94,7 +94,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_PROMPTS = ("a red circle in the center", "two blue squares on a white background", "a yellow star at the top left")
+DEMO_PROMPTS = ("a red circle in the center", "a blue square at the top left", "a yellow triangle at the bottom right")
+
+
+def _demo_users(args: argparse.Namespace) -> dict:
+    """The embedded model's fitted demo users (id -> embedding) when it runs with its own checkpoint.
+
+    They are stage-2 records over the checkpoint's training users, not rows of its table, so they
+    are materialised here, as the user store does when serving them.
+    """
+    if args.model is not None or args.checkpoint is not None:
+        return {}
+    from premier.models.embedded import build_embedded_premier, embedded_demo_records
+
+    basis = build_embedded_premier()
+    ckpt = basis.checkpoint_id()
+    return {r.user_id: r.materialise(basis.users, ckpt) for r in embedded_demo_records() if r.checkpoint_id == ckpt}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -103,10 +118,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from premier.requests import GenerationRequest
 
     pipe = _load_pipeline(args)
-    users = args.users.split(",") if args.users else pipe.user_ids
+    named = _demo_users(args)
+    users = args.users.split(",") if args.users else (list(named) or pipe.user_ids)
     users = [None if u == "none" else u for u in users] + ([None] if args.with_plain else [])
     prompts = args.prompts or list(DEMO_PROMPTS)
-    requests = [GenerationRequest(p, u, args.seed) for p in prompts for u in users]
+    requests = [GenerationRequest(p, named.get(u, u), args.seed) for p in prompts for u in users]
     settings = _settings(pipe, args)
     results = pipe(requests, settings)
     out = Path(args.out)
@@ -115,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     written = []
     for k, res in enumerate(results):
         i, j = divmod(k, len(users))
-        path = out / f"prompt{i}_{res.user or 'none'}.png"
+        path = out / f"prompt{i}_{users[j] or 'none'}.png"
         res.image.save(path)
         written.append(path)
         sheet.paste(res.image, (j * settings.width, i * settings.height))
@@ -154,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate one image for a user", description="Generate one image for a user.")
     p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--user", help="user id in the checkpoint ('none' or omitted: plain FLUX)")
+    p.add_argument("--user", help="user id in the checkpoint or an embedded demo user ('none' or omitted: plain FLUX)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("-o", "--output", default="out.png", help="output PNG path (default out.png)")
     _add_settings_args(p)
@@ -167,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Generate every prompt for every user in one batched call and write the images and a contact sheet.",
     )
     p.add_argument("--out", default="premier-demo", help="output folder (default premier-demo)")
-    p.add_argument("--users", help="comma-separated user ids (default: every user in the checkpoint)")
+    p.add_argument("--users", help="comma-separated user ids (default: the embedded model's demo users, or every user in the checkpoint)")
     p.add_argument("--prompt", dest="prompts", action="append", help="a prompt (repeatable; default: three demo prompts)")
     p.add_argument("--seed", type=int, default=0, help="noise seed for every image (default 0)")
     p.add_argument("--no-plain", dest="with_plain", action="store_false", help="leave out the plain-FLUX column")

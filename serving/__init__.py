@@ -1,5 +1,10 @@
-"""The inference server: Ray Serve deployments, HTTP and KServe v2 front ends (issue 7).
+"""The inference server (issue 7): a Ray Serve application, `premier serve`.
 
-It will drive `premier.pipeline.PremierPipeline`, whose requests and errors
-(`premier.requests`, `premier.errors`) are already shaped for it.
+Reading order for one request: `ingress` (HTTP /v1, KServe v2 HTTP and gRPC, auth, admission,
+metrics) -> `generator` (`@serve.batch`, many users per forward) -> `premier.pipeline`.
+Around them: `config` (pydantic, YAML + environment), `app` (the deployment graph, and the
+builder named by `serve_config.yaml`), `kserve` (v2 tensors and metadata), `grpc_stubs`
+(tritonclient's stubs made picklable), `metrics` (Prometheus), `auth`, `server` (start and
+stop, shared by the CLI, the demo and the tests), `demo`, `cli`; fitting as Ray jobs in
+`fitting` and `fit_job`. Nothing heavy is imported by this package itself.
 """

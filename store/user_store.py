@@ -179,6 +179,10 @@ class UserStore:
     # ------------------------------------------------------------------ embeddings
     def materialise(self, user_id: str) -> torch.Tensor:
         """The user's (N, U) embedding: coefficients times the basis, or the direct embedding (cached)."""
+        return self.materialise_cached(user_id)[0]
+
+    def materialise_cached(self, user_id: str) -> tuple[torch.Tensor, bool]:
+        """`materialise`, plus whether the embedding came from the cache (servers count hits per lookup)."""
         validate_user_id(user_id)
         version = self.db.version(user_id)
         if version is None:
@@ -186,11 +190,11 @@ class UserStore:
             raise UnknownUserError(user_id)
         hit = self._cache.get(user_id, version)
         if hit is not None:
-            return hit.clone()
+            return hit.clone(), True
         stored = self._get_stored(user_id)
         emb = stored.record.materialise(self.basis, self.checkpoint_id)
         self._cache.put(user_id, stored.seq, emb)
-        return emb.clone()
+        return emb.clone(), False
 
     # ------------------------------------------------------------------ nearest
     @property

@@ -11,7 +11,7 @@ from PIL import Image
 
 from premier.cli import EXIT_BAD_INPUT, EXIT_LOAD_ERROR, build_parser, main
 
-SUBCOMMANDS = ["generate", "demo", "info", "data", "train", "fit-user", "users"]
+SUBCOMMANDS = ["generate", "demo", "info", "data", "train", "fit-user", "users", "world", "eval", "serve"]
 
 
 def test_every_subcommand_has_help():
@@ -38,7 +38,7 @@ def test_generate_writes_a_png(tmp_path, capsys):
     "args, message",
     [
         (["--user", "mallory"], "unknown user 'mallory'"),
-        (["--height", "50"], "height: 50 is not a multiple of 16"),
+        (["--height", "50"], "height: 50 is not a multiple of 4"),
         (["--steps", "0"], "steps: 0 is outside"),
         (["--guidance", "99"], "guidance: 99.0 is outside"),
         (["--prompt", " "], "prompt: is empty"),
@@ -83,7 +83,7 @@ def test_demo_writes_every_user_and_a_sheet(tmp_path, capsys):
 def test_info_json(capsys):
     assert main(["info", "--json", "--device", "cpu"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["training_users"] == 4 and info["bytes_per_user"] == 8 * 32 * 4
+    assert info["training_users"] == 200 and info["bytes_per_user"] == 8 * 32 * 4  # the world's training users
     assert info["adapter_bytes"] == 4 * (info["adapter_shared_params"] + info["adapter_distinct_params"])
     assert len(info["checkpoint_id"]) == 64
     assert main(["info", "--reference", "--json"]) == 0

@@ -55,7 +55,7 @@ def test_folder_round_trip_gives_the_same_images(saved_folder, embedded_pipeline
     flux = load_flux_folder(saved_folder, dtype=torch.float32)
     assert _state(flux).keys() == _state(embedded_pipeline.flux_pipe).keys()
     loaded = PremierPipeline(flux, embedded_pipeline.premier, embedded_pipeline.profile, embedded_pipeline.checkpoint_id)
-    req = [GenerationRequest("a red circle", "alice", 3), GenerationRequest("blue squares", None, 4)]
+    req = [GenerationRequest("a red circle", "u0000", 3), GenerationRequest("blue squares", None, 4)]
     settings = embedded_pipeline.default_settings(steps=3, height=64, width=64)
     a = embedded_pipeline(req, settings, output_type="np")
     b = loaded(req, settings, output_type="np")
@@ -69,7 +69,7 @@ def test_pipeline_load_from_folder_with_checkpoint(saved_folder, tmp_path):
     pipe = PremierPipeline.load(model=saved_folder, checkpoint=tmp_path / "ckpt", device="cpu", dtype=torch.float32)
     assert pipe.checkpoint_id == premier.checkpoint_id()
     assert pipe.profile.max_size == 2048  # a folder model gets the real-FLUX limits
-    out = pipe([GenerationRequest("a red circle", "bob", 0)], pipe.default_settings(height=256, width=256, steps=1))
+    out = pipe([GenerationRequest("a red circle", "u0001", 0)], pipe.default_settings(height=256, width=256, steps=1))
     assert out[0].image.size == (256, 256)
 
 

@@ -34,11 +34,11 @@ def _diff(a: np.ndarray, b: np.ndarray) -> int:
 def test_batched_equals_alone(pipe, strong_adapters):
     settings = pipe.default_settings(steps=4, height=64, width=96)
     requests = [
-        R("a red circle in the center", "alice", 11),
-        R("two blue squares", "bob", 12),
+        R("a red circle in the center", "u0000", 11),
+        R("two blue squares", "u0001", 12),
         R("a yellow star", None, 13),
-        R("a red circle in the center", "carol", 11),
-        R("green stripes on a black background", pipe.premier.users.get("dave") * 0.5, 14),
+        R("a red circle in the center", "u0002", 11),
+        R("green stripes on a black background", pipe.premier.users.get("u0003") * 0.5, 14),
     ]
     batched = pipe(requests, settings, output_type="np")
     for req, res in zip(requests, batched):
@@ -52,7 +52,7 @@ def test_batched_equals_alone(pipe, strong_adapters):
 def test_user_none_is_plain_flux(pipe):
     """A request without a user equals diffusers' own FluxPipeline with the same seed."""
     settings = pipe.default_settings(steps=3, height=64, width=64, guidance=4.0)
-    ours = pipe([R("a red circle", None, 7), R("a blue square", "alice", 8)], settings, output_type="np")[0].image
+    ours = pipe([R("a red circle", None, 7), R("a blue square", "u0000", 8)], settings, output_type="np")[0].image
     flux = pipe.flux_pipe
     ref = flux(
         prompt="a red circle", height=64, width=64, num_inference_steps=3, guidance_scale=4.0,
@@ -68,7 +68,7 @@ def test_adapters_run_once_per_request_not_per_step(pipe):
     hooks = [a.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
              for a in (pipe.premier.adapters.shared, pipe.premier.adapters.distinct)]  # fmt: skip
     try:
-        pipe([R("a", "alice", 0), R("b", None, 0), R("c", "bob", 0)], pipe.default_settings(steps=6, height=32, width=32))
+        pipe([R("a", "u0000", 0), R("b", None, 0), R("c", "u0001", 0)], pipe.default_settings(steps=6, height=32, width=32))
     finally:
         for h in hooks:
             h.remove()
@@ -80,9 +80,9 @@ def test_text_encodings_are_cached(pipe):
     encoded = []
     hook = pipe.flux_pipe.text_encoder_2.register_forward_hook(lambda m, i, o: encoded.append(i[0].shape[0]))
     try:
-        pipe([R("cache me", None, 0), R("cache me", "alice", 1), R("and me", "bob", 1)], settings)
+        pipe([R("cache me", None, 0), R("cache me", "u0000", 1), R("and me", "u0001", 1)], settings)
         assert encoded == [2]  # two distinct prompts, encoded in one call
-        pipe([R("cache me", "bob", 2), R("and me", None, 3)], settings)
+        pipe([R("cache me", "u0001", 2), R("and me", None, 3)], settings)
         assert encoded == [2]  # both cached: the encoder does not run again
     finally:
         hook.remove()
@@ -90,7 +90,7 @@ def test_text_encodings_are_cached(pipe):
 
 def test_seeds_and_timings(pipe):
     settings = pipe.default_settings(steps=2, height=32, width=32)
-    a, b, c = pipe([R("x", "alice", 1), R("x", "alice", 1), R("x", "alice", 2)], settings, output_type="np")
+    a, b, c = pipe([R("x", "u0000", 1), R("x", "u0000", 1), R("x", "u0000", 2)], settings, output_type="np")
     assert np.array_equal(a.image, b.image) and _diff(a.image, c.image) > 0
     for key in ("encode_s", "adapters_s", "denoise_s", "decode_s", "total_s"):
         assert a.timings[key] >= 0
@@ -98,6 +98,6 @@ def test_seeds_and_timings(pipe):
 
 
 def test_pil_output(pipe):
-    res = pipe([R("a red circle", "alice", 0)], pipe.default_settings(steps=1, height=48, width=80))[0]
+    res = pipe([R("a red circle", "u0000", 0)], pipe.default_settings(steps=1, height=48, width=80))[0]
     assert res.image.size == (80, 48) and res.image.mode == "RGB"
-    assert res.user == "alice" and res.seed == 0 and res.prompt == "a red circle"
+    assert res.user == "u0000" and res.seed == 0 and res.prompt == "a red circle"

@@ -75,9 +75,10 @@ def test_round_trip_both_modes_and_reopen(tmp_path, basis):
 def test_update_keeps_created_at_and_invalidates_materialised_cache(store, basis):
     table, ckpt = basis
     first = store.put(coef_record("alice", ckpt, 1))
-    e1 = store.materialise("alice")
-    assert torch.allclose(e1, table.materialise(first.vector), atol=1e-6)
-    assert torch.equal(store.materialise("alice"), e1) and store._cache.hits == 1  # served from the cache
+    e1, cached = store.materialise_cached("alice")
+    assert not cached and torch.allclose(e1, table.materialise(first.vector), atol=1e-6)
+    again, cached = store.materialise_cached("alice")
+    assert cached and torch.equal(again, e1) and store._cache.hits == 1  # served from the cache
     e1.add_(1.0)  # callers get copies: mutating one does not poison the cache
     assert torch.allclose(store.materialise("alice"), table.materialise(first.vector), atol=1e-6)
     second = store.put(coef_record("alice", ckpt, 2).touched(created_at=first.created_at + 100))

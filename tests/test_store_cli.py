@@ -11,15 +11,27 @@ from premier.cli import EXIT_BAD_INPUT, EXIT_LOAD_ERROR, build_parser, main
 from premier.user_record import UserRecord
 
 
+_FOUR_USERS: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def four_user_checkpoint(tmp_path_factory) -> str:
+    """A 4-user checkpoint (the random pre-world embedded one), so coefficient vectors stay short to write;
+    the shipped world checkpoint has 200 training users."""
+    from premier.models.embedded import DEMO_USERS, build_embedded_premier
+
+    folder = tmp_path_factory.mktemp("ckpt") / "four-users"
+    _FOUR_USERS["path"] = str(folder)
+    return build_embedded_premier(user_ids=DEMO_USERS).save(folder)
+
+
 @pytest.fixture(scope="module")
-def demo_checkpoint_id() -> str:
-    from premier.models.embedded import build_embedded_premier
-
-    return build_embedded_premier().checkpoint_id()
+def demo_checkpoint_id(four_user_checkpoint) -> str:
+    return four_user_checkpoint
 
 
-def users(store, *args: str) -> list[str]:
-    return ["users", *args, "--store", str(store)]
+def users(store, action: str, *args: str) -> list[str]:
+    return ["users", action, "--checkpoint", _FOUR_USERS["path"], *args, "--store", str(store)]
 
 
 def test_users_group_is_registered():

@@ -9,6 +9,7 @@ import torch
 
 from premier.checkpoint import PremierModel
 from premier.cli import EXIT_BAD_INPUT, EXIT_LOAD_ERROR, main
+from premier.models.embedded import EmbeddedSpec
 from premier.user_record import UserRecord
 from training_data import make_raw_dataset
 
@@ -28,7 +29,7 @@ def run(tmp_path_factory):
 
 def test_prepare_train_resume(run, capsys):
     manifest = json.loads((run / "prep" / "dataset.json").read_text())
-    assert manifest["num_examples"] == 12 and manifest["settings"]["resolution"] == 64
+    assert manifest["num_examples"] == 12 and manifest["settings"]["resolution"] == EmbeddedSpec().image_size == 32
     rows = [json.loads(x) for x in (run / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert (run / "run" / "checkpoints" / "latest").read_text() == "step-0000006"

@@ -27,8 +27,8 @@ def test_prepare_encodes_every_image_once(tmp_path, pipe):
     ds = PreparedDataset(tmp_path / "prep")
     assert len(ds) == 20 and ds.user_ids == [f"user{k}" for k in range(4)]
     batch = ds.get([0, 7, 19])
-    assert batch.latents.shape == (3, 4, 8, 8)  # 64 px / VAE factor 8
-    assert batch.text.shape == (3, 64, 64) and batch.pooled.shape == (3, 64)
+    assert batch.latents.shape == (3, 12, 32, 32)  # 64 px / codec factor 2, 3 x 2 x 2 channels
+    assert batch.text.shape == (3, 16, 64) and batch.pooled.shape == (3, 64)
     assert batch.users.tolist() == [0, 1, 3]
     # The stored encodings are what the encoders give for that image and caption.
     user, file, prompt = ds.examples([7])[0]

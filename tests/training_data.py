@@ -1,10 +1,9 @@
 """Small datasets the training tests generate: users whose images differ by colour.
 
-The embedded model's VAE has random weights and maps every colour to nearly the same latents
-(user means differ by ~0.01 against unit noise), so no model could tell these users apart
-through it. `PixelEncoder` stands in for the VAE in learning tests: the same prepare code
-path, with latents that keep the colour (an 8x8 average pool of the pixels). The text side
-(T5, CLIP) is the real embedded encoder.
+The embedded model's codec is lossless (pixel-unshuffle), so its latents keep the colour; at 64 px
+they are 32x32 (256 tokens), slow for learning tests. `PixelEncoder` keeps the same prepare code
+path with the codec's latent layout at a quarter of the resolution (a 4x4 average pool of the
+pixels, then the codec's unshuffle): 8x8 latents. The text side (T5, CLIP) is the real embedded encoder.
 """
 
 from __future__ import annotations
@@ -38,11 +37,11 @@ def make_raw_dataset(root: Path, per_user: int = 6, colours=COLOURS, names: list
 
 
 class PixelEncoder(DataEncoder):
-    """DataEncoder whose image latents are average-pooled pixels (RGB + luma), scaled to unit range."""
+    """DataEncoder whose image latents are the codec's layout of 4x4-average-pooled pixels, scaled to unit range."""
 
     def encode_images(self, images):
         pixels = self.pipe.image_processor.preprocess(
             [im.convert("RGB") for im in images], height=self.resolution, width=self.resolution, resize_mode="crop"
         )
-        pooled = F.avg_pool2d(pixels, self.pipe.vae_scale_factor)
-        return (torch.cat([pooled, pooled.mean(1, keepdim=True)], 1) * 1.5).to(self.storage_dtype)
+        pooled = F.avg_pool2d(pixels, 4)
+        return (F.pixel_unshuffle(pooled, self.pipe.vae_scale_factor) * 1.5).to(self.storage_dtype)

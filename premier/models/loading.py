@@ -90,7 +90,9 @@ def profile_for(pipe: FluxPipeline, embedded: bool) -> ModelProfile:
     seq = int(getattr(pipe.tokenizer_2, "model_max_length", 512) or 512)
     seq = min(seq, 512)  # FLUX's T5 limit
     if embedded:
-        return ModelProfile(seq, multiple, min_size=multiple * 2, max_size=512, default_size=128, default_steps=8,
+        # The embedded model's default size is the one it was trained at (its codec's sample size).
+        size = int(getattr(pipe.vae.config, "sample_size", 128))
+        return ModelProfile(seq, multiple, min_size=multiple * 2, max_size=512, default_size=size, default_steps=8,
                             default_guidance=3.5)  # fmt: skip
     return ModelProfile(seq, multiple, min_size=256, max_size=2048, default_size=1024, default_steps=28,
                         default_guidance=3.5)  # fmt: skip

@@ -32,7 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("raw", help="raw dataset folder (one sub-folder per user)")
     q.add_argument("out", help="output folder for the prepared dataset")
-    q.add_argument("--resolution", type=int, help="square training resolution in pixels (default: 64 embedded, 512 FLUX)")
+    q.add_argument("--resolution", type=int, help="square training resolution in pixels (default: 32 embedded, 512 FLUX)")
     q.add_argument("--max-sequence-length", type=int, help="T5 tokens per caption (default: the model's maximum)")
     q.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
     q.add_argument("--batch-size", type=int, default=8, help="encoder batch size (default 8)")
@@ -87,7 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=50, help="held-out evaluation interval in steps")
     p.add_argument("--patience", type=int, default=10, help="evaluations without improvement before stopping")
-    p.add_argument("--resolution", type=int, help="square resolution in pixels (default: 64 embedded, 512 FLUX)")
+    p.add_argument("--resolution", type=int, help="square resolution in pixels (default: 32 embedded, 512 FLUX)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
     _optim_args(p, weight_decay_default=0.0)
@@ -117,7 +117,11 @@ def _optim_args(p: argparse.ArgumentParser, weight_decay_default: float | None =
 
 
 def _default_resolution(model: str | None) -> int:
-    return 64 if model is None else 512
+    if model is None:
+        from premier.models.embedded import EmbeddedSpec
+
+        return EmbeddedSpec().image_size
+    return 512
 
 
 def _dtype(name: str | None) -> Any:

@@ -1,9 +1,167 @@
-"""`premier world ...` and `premier eval` (being built for issue 6)."""
+"""`premier world ...` (build the synthetic world's models, show it, check its probe) and `premier eval`.
+
+Imports nothing heavy at import time (the `premier` command's rule for command modules).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+DEFAULT_WORK = "world-work"
+
+
+def _default_assets() -> str:
+    return str(Path(__file__).resolve().parent.parent / "assets" / "world")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r} must list positive integers")
+    return values
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import torch
+
+    from premier.world.build import STEPS, BuildConfig, build
+
+    torch.set_num_threads(args.threads)
+    only = tuple(s for s in args.only.split(",") if s) if args.only else STEPS
+    config = BuildConfig.quick() if args.quick else BuildConfig()
+    record = build(args.out, args.work, config, only=only, progress=not args.quiet)
+    total = sum(s["seconds"] for k, s in record["steps"].items() if k in only)
+    print(f"world build: {', '.join(only)} in {total / 60:.1f} min; files in {Path(args.out).resolve()}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """A contact sheet of the world: rows are users (demo users, then training users), columns prompts."""
+    import numpy as np
+    from PIL import Image
+
+    from premier.world.render import render
+    from premier.world.spec import ALL_CONTENTS
+    from premier.world.users import WorldConfig, demo_users, training_users
+
+    world = WorldConfig(seed=args.seed)
+    users = demo_users(world) + training_users(world)[: args.users]
+    contents = [ALL_CONTENTS[i] for i in np.random.default_rng(args.seed).permutation(len(ALL_CONTENTS))[: args.prompts]]
+    rows = [np.concatenate([render(c, u.style, seed=j) for j, c in enumerate(contents)], axis=1) for u in users]
+    sheet = np.concatenate(rows, axis=0)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).resize((sheet.shape[1] * args.scale, sheet.shape[0] * args.scale), Image.NEAREST).save(out)
+    for u in users:
+        print(f"{u.user_id:8s} {u.style.describe()}")
+    print("prompts: " + "; ".join(c.prompt for c in contents))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from premier.world.build import PROBE_DIR
+    from premier.world.probe import WorldProbe, validate_probe
+
+    checks = validate_probe(WorldProbe.load(Path(args.world) / PROBE_DIR), pairs=args.pairs, seed=args.seed)
+    print(json.dumps({k: round(v, 4) for k, v in checks.items()}, indent=1))
+    ok = checks["own_style_wins"] >= 0.95 and checks["own_prompt_wins"] >= 0.95
+    print("probe validation: " + ("PASS" if ok else "FAIL") + " (both pair criteria must be >= 0.95)")
+    return 0 if ok else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import time
+
+    import torch
+
+    from premier.world.evaluate import EvalConfig, run_eval
+
+    torch.set_num_threads(args.threads)
+    config = EvalConfig.quick() if args.quick else EvalConfig()
+    overrides = {k: getattr(args, k) for k in ("test_users", "history", "sweep", "sweep_users", "denoise_steps")
+                 if getattr(args, k) is not None}  # fmt: skip
+    if args.variants:
+        overrides["variants"] = tuple(v for v in args.variants.split(",") if v)
+    from dataclasses import replace
+
+    config = replace(config, **overrides)
+    started = time.perf_counter()
+    command = "premier " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "premier eval"
+    results = run_eval(args.world, args.work, args.docs, config, command, progress=not args.quiet)
+    print(f"premier eval: {time.perf_counter() - started:.0f}s; wrote " + ", ".join(results["written"]))
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    return None
+    assets = _default_assets()
+    world = subparsers.add_parser(
+        "world",
+        help="the synthetic preference world: build its models, show it, check its probe",
+        description="The synthetic preference world (docs/world.md): procedural prompts and user styles with ground truth.",
+    )
+    sub = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("build", help="regenerate the shipped world models from scratch",
+                       description="Write the world's data, pretrain the base model, run stage 1, fit the demo users "
+                                   "and train the metric probe (each step's time is recorded in OUT/world.json).")  # fmt: skip
+    p.add_argument("--out", default=assets, help=f"where the shipped files go (default: {assets})")
+    p.add_argument("--work", default=DEFAULT_WORK, help=f"scratch folder for data and runs (default: {DEFAULT_WORK})")
+    p.add_argument("--only", help="comma-separated subset of steps: data,base,stage1,users,probe (default: all, in order)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes that run in seconds (a smoke test, not a useful model)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("show", help="render a contact sheet of users' styles", description="Render users x prompts as one PNG.")
+    p.add_argument("-o", "--output", default="world.png", help="output PNG (default world.png)")
+    p.add_argument("--users", type=_positive_int, default=4, help="training users shown after the demo users (default 4)")
+    p.add_argument("--prompts", type=_positive_int, default=6, help="prompts per row (default 6)")
+    p.add_argument("--scale", type=_positive_int, default=4, help="pixel scale factor (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("validate-probe", help="check the metric probe's pair criteria on fresh renders",
+                       description="Own style beats another style, own prompt beats another prompt, in >= 95%% of pairs.")  # fmt: skip
+    p.add_argument("--world", default=assets, help=f"built world folder (default: {assets})")
+    p.add_argument("--pairs", type=_positive_int, default=400, help="pairs per criterion (default 400)")
+    p.add_argument("--seed", type=int, default=1234, help="seed of the fresh renders (default 1234)")
+    p.set_defaults(func=cmd_validate)
+
+    p = subparsers.add_parser(
+        "eval",
+        help="the paper's Table 1/2 and Fig. 6 questions on the world's held-out test users",
+        description="Fit held-out test users, generate their test prompts with the base model, Premier and its "
+                    "ablations, score every image with the probe, and write docs/eval.md and PNG plots.",
+    )  # fmt: skip
+    p.add_argument("--world", default=assets, help=f"built world folder (default: {assets})")
+    p.add_argument("--work", default=DEFAULT_WORK, help=f"scratch folder; ablation runs are trained here once (default: {DEFAULT_WORK})")
+    p.add_argument("--docs", default="docs", help="where eval.md, eval.json and the plots go (default docs)")
+    p.add_argument("--variants", help="comma-separated: premier,no_dispersion,no_shared,no_distinct,no_ppm (default: all)")
+    p.add_argument("--test-users", type=_positive_int, help="held-out users to evaluate (default 8)")
+    p.add_argument("--history", type=_positive_int, help="history images per test user (default 8)")
+    p.add_argument("--sweep", type=_int_list, help="history sizes for the fitting sweep (default 2,4,8,16,32)")
+    p.add_argument("--sweep-users", type=_positive_int, help="test users in the sweep (default 4)")
+    p.add_argument("--denoise-steps", type=_positive_int, help="denoising steps per image (default 8)")
+    p.add_argument("--quick", action="store_true", help="one user, tiny sweep, 2 steps (a smoke test)")
+    p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)

@@ -1,0 +1,109 @@
+"""The world's runs of the project's own trainers: data prepare, stage 1 (and its ablations), stage 2.
+
+Ablations (DESIGN section 1; the paper's Table 2), each a stage-1 run on the same data and budget:
+
+- `no_dispersion`: both dispersion weights 0;
+- `no_shared` / `no_distinct`: that adapter's output is held at exactly zero (its output
+  LayerNorm gain and bias are zeroed and frozen), so only the other adapter modulates;
+- `no_ppm`: the adapters read the empty prompt instead of the prompt, in training and at
+  inference, so the offset depends on the user only (no prompt preference modulation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from diffusers import FluxPipeline
+
+from premier.adapters import PremierAdapters
+from premier.checkpoint import PremierModel
+from premier.errors import InvalidRequestError
+from premier.training.config import Stage1Config, Stage2Config
+from premier.training.objective import build_optimizer
+from premier.training.prepared import Batch, DataEncoder, PreparedDataset, prepare_dataset
+from premier.training.stage1 import Stage1Trainer
+from premier.training.stage2 import FitResult, fit_user
+from premier.world.users import WorldUser
+
+VARIANTS = ("premier", "no_dispersion", "no_shared", "no_distinct", "no_ppm")
+
+
+class EmptyPromptAdapters(nn.Module):
+    """The `no_ppm` ablation: wraps the adapters so that they always read the empty prompt's states."""
+
+    def __init__(self, adapters: PremierAdapters, empty_text: torch.Tensor):
+        super().__init__()
+        self.inner = adapters
+        self.config = adapters.config
+        self.register_buffer("empty_text", empty_text.detach().clone(), persistent=False)
+
+    def forward(self, text_states: torch.Tensor, user_tokens: torch.Tensor):
+        return self.inner(self._empty(text_states), user_tokens)
+
+    def text_deltas(self, text_states: torch.Tensor, user_tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+        return self.inner.text_deltas(self._empty(text_states), user_tokens, active)
+
+    def _empty(self, text_states: torch.Tensor) -> torch.Tensor:
+        e = self.empty_text.to(text_states.device, text_states.dtype)
+        if e.shape[0] != text_states.shape[1]:
+            raise InvalidRequestError("prompt", f"text length {text_states.shape[1]} != empty prompt length {e.shape[0]}")
+        return e.unsqueeze(0).expand(text_states.shape[0], -1, -1)
+
+
+def prepare(pipe: FluxPipeline, raw: str | Path, out: str | Path, resolution: int, max_sequence_length: int) -> PreparedDataset:
+    encoder = DataEncoder(pipe, resolution, max_sequence_length=max_sequence_length, batch_size=64,
+                          storage_dtype=torch.float32)  # fmt: skip
+    prepare_dataset(raw, out, encoder, shard_size=256)
+    return PreparedDataset(out)
+
+
+def stage1_config(variant: str, base: Stage1Config) -> Stage1Config:
+    if variant not in VARIANTS:
+        raise InvalidRequestError("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if variant == "no_dispersion":
+        return replace(base, lambda_shared=0.0, lambda_distinct=0.0)
+    return base
+
+
+def build_trainer(flux: Any, dataset: PreparedDataset, out: str | Path, variant: str, base: Stage1Config,
+                  premier_config: Any) -> Stage1Trainer:  # fmt: skip
+    """A Stage1Trainer set up for one variant (see the module docstring)."""
+    trainer = Stage1Trainer(flux, dataset, out, stage1_config(variant, base), premier_config)
+    adapters = trainer.model.adapters
+    if variant in ("no_shared", "no_distinct"):
+        silenced = adapters.shared if variant == "no_shared" else adapters.distinct
+        with torch.no_grad():
+            silenced.norm_out_weight.zero_()
+            silenced.norm_out_bias.zero_()
+        silenced.requires_grad_(False)
+        trainer.params = [p for p in trainer.model.parameters() if p.requires_grad]
+        o = trainer.config.optim
+        trainer.optimizer = build_optimizer(trainer.params, o.optimizer, o.lr, o.weight_decay, o.betas)
+    elif variant == "no_ppm":
+        trainer.objective.adapters = EmptyPromptAdapters(adapters, dataset.empty_text)
+    return trainer
+
+
+def use_variant(premier: PremierModel, variant: str, empty_text: torch.Tensor) -> PremierModel:
+    """Make a loaded checkpoint behave as its variant at inference and in stage 2 (only no_ppm differs)."""
+    if variant == "no_ppm" and not isinstance(premier.adapters, EmptyPromptAdapters):
+        premier.adapters = EmptyPromptAdapters(premier.adapters, empty_text)
+    return premier
+
+
+def encode_user(encoder: DataEncoder, user: WorldUser, n: int | None = None) -> Batch:
+    """A world user's first n history images (and their prompts), encoded as stage 2 takes them."""
+    items = user.history[:n]
+    images = user.history_images(n)
+    latents = encoder.encode_images(images)
+    text, pooled = encoder.encode_prompts([c.prompt for c, _ in items])
+    return Batch(latents, text, pooled, torch.zeros(len(items), dtype=torch.long))
+
+
+def fit(flux: Any, premier: PremierModel, checkpoint_id: str, samples: Batch, user_id: str, mode: str,
+        config: Stage2Config) -> FitResult:  # fmt: skip
+    return fit_user(flux, premier, checkpoint_id, samples, user_id, replace(config, mode=mode), progress=False)

@@ -1,0 +1,71 @@
+"""The `premier` Ray Serve application: an Ingress in front of Generator replicas.
+
+`build` makes the graph from a validated ServeConfig (`premier serve`, its demo and the tests
+call it); `build_app` is its entry for Ray Serve config files (`import_path:
+serving.app:build_app` in `serving/serve_config.yaml`, for `serve run` and a KubeRay RayService).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serving.config import ServeConfig, build_config
+
+
+def prepare_store(config: ServeConfig) -> int:
+    """Create the store if needed; on the embedded model and checkpoint, seed an empty store with the demo users.
+
+    Runs once where the application is built (one writer), before any replica opens the store.
+    Returns the number of users put.
+    """
+    from store.user_store import UserStore
+
+    if not config.has_users:
+        return 0
+    with UserStore.open(config.store, config.checkpoint, create=True) as store:
+        if config.model is None and config.checkpoint is None and config.seed_demo_users and len(store) == 0:
+            from premier.models.embedded import embedded_demo_records
+
+            return store.put_many(r for r in embedded_demo_records() if r.checkpoint_id == store.checkpoint_id)
+    return 0
+
+
+def build(config: ServeConfig) -> Application:
+    from serving.generator import Generator
+    from serving.ingress import Ingress
+
+    prepare_store(config)
+    args = config.to_args()
+    generator = serve.deployment(Generator).options(
+        name="Generator",
+        num_replicas=config.generator_replicas,
+        ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
+        max_ongoing_requests=config.generator_max_ongoing,
+        max_queued_requests=config.max_queued_requests + config.generator_max_ongoing,
+        health_check_period_s=2,
+        health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=max(30.0, config.request_timeout_s),
+    )
+    ingress = Ingress.options(
+        name="Ingress",
+        num_replicas=1,
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=config.admission_bound + 256,  # refusals must reach the ingress to be answered at once
+        graceful_shutdown_timeout_s=max(30.0, config.request_timeout_s),
+    )
+    return ingress.bind(generator.bind(args), args)
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """Application builder for Ray Serve config files: `args` are ServeConfig fields (env overrides apply)."""
+    from serving.config import describe
+
+    config = build_config(dict(args or {}))
+    print(f"premier serve config:\n{describe(config)}", flush=True)
+    return build(config)
+
+
+__all__ = ["build", "build_app", "prepare_store"]

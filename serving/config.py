@@ -1,0 +1,199 @@
+"""The server's configuration: one pydantic model, read from YAML and the environment, printed at start.
+
+The same YAML serves two readers. A standard Ray Serve config file (`serving/serve_config.yaml`,
+what `serve run` and a KubeRay RayService take) holds it as the `args` of the `premier`
+application, next to `http_options` / `grpc_options`; `premier serve --config` reads that file
+too, or a plain YAML mapping of the fields below. Environment variables `PREMIER_SERVE_<FIELD>`
+(nested fields with `__`, e.g. `PREMIER_SERVE_FITTING__MAX_IMAGES`) override both; their values
+are parsed as YAML scalars, so `8`, `0.01`, `true` and `null` have their usual types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from premier.errors import InvalidRequestError
+
+from serving.fitting import FitSettings
+
+
+ENV_PREFIX = "PREMIER_SERVE_"
+APP_NAME = "premier"
+MODEL_NAME = "premier"  # the KServe v2 model name
+PACKAGED_SERVE_CONFIG = Path(__file__).with_name("serve_config.yaml")
+GRPC_SERVICER = "serving.grpc_stubs.add_GRPCInferenceServiceServicer_to_server"
+
+
+class ServeConfig(BaseModel):
+    """Everything the `premier` Ray Serve application needs (the `args` of its application entry)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    model: Optional[str] = Field(None, description="local diffusers FLUX folder; null: the embedded tiny model")
+    checkpoint: Optional[str] = Field(None, description="Premier checkpoint folder; null: the embedded demo checkpoint")
+    store: str = Field("premier-store", description="user store folder (created and, on the embedded model, seeded with its demo users)")
+    seed_demo_users: bool = Field(True, description="on the embedded model, put its demo users into an empty store")
+    device: Optional[str] = Field(None, description="torch device of the generators (default: cuda if available)")
+    dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
+    compile: Optional[str] = Field(None, pattern="^(regional|full)$")
+    quantize: Optional[str] = Field(None, pattern="^(int8|float8)$")
+
+    generator_replicas: int = Field(1, ge=1, le=1024)
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per generator replica")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per generator replica")
+    torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per generator (default: torch's)")
+    max_batch_size: int = Field(8, ge=1, le=256, description="requests per forward")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10,
+                                        description="how long a new batch waits to fill (under load batches fill while the previous one runs)")
+    max_queued_requests: int = Field(16, ge=1, le=100_000,
+                                     description="generation requests admitted but not yet running, per ingress; above it: 503")  # fmt: skip
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503")
+    request_timeout_s: float = Field(120.0, gt=0, description="longest a generation may take before a 503")
+    store_cache_size: int = Field(1024, ge=0, description="materialised user embeddings cached per replica")
+    api_key: Optional[SecretStr] = Field(None, description="if set, every route but health needs 'Authorization: Bearer <key>'")
+    fitting: FitSettings = Field(default_factory=FitSettings)
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            return None
+        return v
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def has_users(self) -> bool:
+        """False for a real FLUX model without a Premier checkpoint: plain FLUX only, no store."""
+        return self.model is None or self.checkpoint is not None
+
+    @property
+    def generator_max_ongoing(self) -> int:
+        """Ray Serve's per-replica concurrency: four full batches, so requests trickling in through the router
+        while one forward runs fill the next one completely (measured: mean batch 7.5 of 8 under overload, 5 with two)."""
+        return 4 * self.max_batch_size
+
+    @property
+    def admission_bound(self) -> int:
+        """Generation requests one ingress lets in at once (running or queued); the next gets 503."""
+        return self.max_queued_requests + self.generator_max_ongoing * self.generator_replicas
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as printed at start: the API key hidden."""
+        out = self.model_dump(mode="json")
+        out["api_key"] = "***" if self.api_key is not None else None
+        return out
+
+    def to_args(self) -> dict[str, Any]:
+        """The application `args` (JSON-safe, the API key in clear) that rebuild this config."""
+        out = self.model_dump(mode="json")
+        out["api_key"] = self.api_key.get_secret_value() if self.api_key is not None else None
+        return out
+
+
+class ServerOptions(BaseModel):
+    """Ray Serve's own HTTP and gRPC listeners (`http_options` / `grpc_options` of a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=0, le=65535)
+    grpc_port: int = Field(9000, ge=0, le=65535)
+
+
+# ---------------------------------------------------------------------- loading
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = key[len(ENV_PREFIX):].lower().split("__")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if path[-1] == "api_key" and value is not None:
+            value = str(raw)  # a key is a string, whatever it looks like
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidRequestError("config", f"{path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InvalidRequestError("config", f"{path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequestError("config", f"{path} must hold a mapping, not {type(data).__name__}")
+    return data
+
+
+def split_serve_file(data: dict[str, Any], source: str = "config") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(application args, server options) from a Ray Serve config file, or (data, {}) from a plain mapping."""
+    if "applications" not in data:
+        return data, {}
+    apps = data.get("applications") or []
+    app = next((a for a in apps if isinstance(a, dict) and a.get("name") == APP_NAME), None)
+    if app is None:
+        raise InvalidRequestError("config", f"{source} has no application named {APP_NAME!r}")
+    http, grpc = data.get("http_options") or {}, data.get("grpc_options") or {}
+    server = {k: v for k, v in (("host", http.get("host")), ("http_port", http.get("port")),
+                                ("grpc_port", grpc.get("port"))) if v is not None}  # fmt: skip
+    return dict(app.get("args") or {}), server
+
+
+def build_config(values: dict[str, Any], environ: dict[str, str] | None = None,
+                 overrides: dict[str, Any] | None = None) -> ServeConfig:  # fmt: skip
+    """Validate `values`, then the environment's PREMIER_SERVE_* (default os.environ), then `overrides` (None
+    values skipped); a bad field raises InvalidRequestError naming it."""
+    merged = _merge(values, _env_overrides(dict(os.environ) if environ is None else environ))
+    merged = _merge(merged, {k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return ServeConfig.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        raise InvalidRequestError(f"config.{field}", err["msg"]) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                environ: dict[str, str] | None = None) -> tuple[ServeConfig, ServerOptions]:  # fmt: skip
+    """Config file (Ray Serve format or plain; default: the packaged one), then environment, then explicit overrides."""
+    source = Path(path) if path is not None else PACKAGED_SERVE_CONFIG
+    args, server = split_serve_file(read_yaml(source), str(source))
+    try:
+        options = ServerOptions.model_validate(server)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise InvalidRequestError(f"config.{'.'.join(map(str, err['loc']))}", err["msg"]) from None
+    return build_config(args, environ, overrides), options
+
+
+def describe(config: ServeConfig, options: ServerOptions | None = None) -> str:
+    """The text printed at start."""
+    data = {"app": config.redacted()}
+    if options is not None:
+        data["server"] = options.model_dump()
+    return json.dumps(data, indent=2, sort_keys=True)
+
+
+__all__ = ["ServeConfig", "ServerOptions", "FitSettings", "load_config", "build_config", "describe",
+           "split_serve_file", "read_yaml", "APP_NAME", "MODEL_NAME", "PACKAGED_SERVE_CONFIG", "GRPC_SERVICER"]  # fmt: skip

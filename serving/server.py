@@ -1,0 +1,153 @@
+"""A running server: Ray (a new local cluster or an existing one), Ray Serve's HTTP and gRPC proxies, the app.
+
+One class for `premier serve`, its demo and the tests' harness, so all three start and stop the
+server the same way. Stopping is graceful: Serve drains in-flight requests (each deployment's
+graceful_shutdown_timeout_s) before the replicas exit, then Ray is shut down if we started it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+
+from serving.config import APP_NAME, GRPC_SERVICER, ServeConfig, ServerOptions
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class ServerSession:
+    """Context manager: start on enter (ports 0 become free ports), stop on exit (idempotent)."""
+
+    def __init__(self, config: ServeConfig, options: ServerOptions, *, address: str | None = None,
+                 dashboard: bool = True, num_cpus: int | None = None, dashboard_port: int | None = None,
+                 ready_timeout_s: float = 300.0):  # fmt: skip
+        self.config = config
+        self.host = options.host
+        self.http_port = options.http_port or free_port(self.host)
+        self.grpc_port = options.grpc_port or free_port(self.host)
+        self.address = address
+        self.dashboard = dashboard
+        self.dashboard_port = (dashboard_port or free_port()) if dashboard and address is None else None
+        self.num_cpus = num_cpus
+        self.ready_timeout_s = ready_timeout_s
+        self._started_ray = False
+        self._running = False
+        self._stop_event = threading.Event()
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def http_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.http_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return self.http_url.removeprefix("http://").rsplit(":", 1)[0] + f":{self.grpc_port}"
+
+    @property
+    def dashboard_url(self) -> str | None:
+        return f"http://127.0.0.1:{self.dashboard_port}" if self.dashboard_port else None
+
+    def auth_headers(self) -> dict[str, str]:
+        key = self.config.api_key
+        return {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "ServerSession":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth by default
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        import ray
+        from ray import serve
+
+        from serving.app import build
+
+        if not ray.is_initialized():
+            kwargs: dict = {"address": self.address or "local", "log_to_driver": False}
+            if self.address is None:
+                kwargs.update(num_cpus=self.num_cpus, include_dashboard=self.dashboard)
+                if self.dashboard:
+                    kwargs.update(dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port)
+            ray.init(**kwargs)
+            self._started_ray = True
+        self._running = True
+        serve.start(http_options={"host": self.host, "port": self.http_port},
+                    grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})  # fmt: skip
+        serve.run(build(self.config), name=APP_NAME, route_prefix="/")
+        self.wait_ready(self.ready_timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if requests.get(self.http_url + "/readyz", timeout=5).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server at {self.http_url} was not ready within {timeout_s:g}s")
+            time.sleep(0.2)
+
+    def serve_forever(self) -> None:
+        """Block until SIGINT / SIGTERM (or `request_stop`)."""
+        previous = {s: signal.signal(s, lambda *_: self._stop_event.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while not self._stop_event.wait(0.5):
+                pass
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def request_stop(self) -> None:
+        self._stop_event.set()
+
+    def stop(self) -> None:
+        if not self._running and not self._started_ray:
+            return
+        import ray
+
+        try:
+            if self._running:
+                self._running = False
+                # In a thread with a deadline: if Ray itself is already gone (a signal sent to the whole
+                # process group), Serve's calls would wait for it forever.
+                drain = threading.Thread(target=_drain_and_shutdown_serve, daemon=True)
+                drain.start()
+                drain.join(self.config.request_timeout_s + 60)
+                if drain.is_alive():
+                    print("premier serve: Serve did not stop in time (is Ray already gone?); shutting Ray down", flush=True)
+        finally:
+            if self._started_ray:
+                self._started_ray = False
+                ray.shutdown()
+
+
+def _drain_and_shutdown_serve() -> None:
+    from ray import serve
+
+    try:  # deleting the app first drains it: replicas finish in-flight requests, proxies keep answering
+        serve.delete(APP_NAME)
+    finally:
+        serve.shutdown()
+
+
+__all__ = ["ServerSession", "free_port"]
