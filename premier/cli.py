@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from premier.quantize import QUANTIZE_MODES
+
 EXIT_BAD_INPUT = 2
 EXIT_LOAD_ERROR = 3
 EXIT_STOPPED = 4
@@ -51,7 +53,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU")
     g.add_argument("--compile", nargs="?", const="regional", choices=["regional", "full"],
                    help="torch.compile the transformer: 'regional' (default; per repeated block, short start-up) or 'full'")  # fmt: skip
-    g.add_argument("--quantize", choices=["int8", "float8"], help="torchao weight-only quantization of the FLUX block weights")
+    g.add_argument("--quantize", choices=QUANTIZE_MODES, help="torchao weight-only quantization of the FLUX block weights")
 
 
 def _add_settings_args(p: argparse.ArgumentParser) -> None:

@@ -16,10 +16,11 @@ quantized weights.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn as nn
+if TYPE_CHECKING:  # torch is imported where used, so the CLI can list the modes without loading it
+    import torch
+    import torch.nn as nn
 
 QUANTIZE_MODES = ("int8", "float8", "float8-dynamic")
 
@@ -53,6 +54,8 @@ def check_supported(mode: str, device: torch.device) -> None:
                 "float8-dynamic quantization needs a CUDA GPU with compute capability >= 8.9 (float8 tensor cores); "
                 f"this model is on {device.type}. Use --quantize int8 or float8 (weight-only) instead."
             )
+        import torch
+
         cap = torch.cuda.get_device_capability(device)
         if cap < (8, 9):
             raise QuantizationUnavailable(
@@ -61,6 +64,8 @@ def check_supported(mode: str, device: torch.device) -> None:
 
 
 def _is_block_linear(module: nn.Module, fqn: str) -> bool:
+    import torch.nn as nn
+
     return isinstance(module, nn.Linear) and fqn.startswith(("transformer_blocks.", "single_transformer_blocks."))
 
 
@@ -79,6 +84,9 @@ def quantize_flux(flux: nn.Module, mode: str) -> int:
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
+    import torch
+    import torch.nn as nn
+
     if type(t) in (torch.Tensor, nn.Parameter):
         return t.numel() * t.element_size()
     names, _ = t.__tensor_flatten__()  # a tensor subclass (torchao): count its packed inner tensors
@@ -87,4 +95,6 @@ def _tensor_bytes(t: torch.Tensor) -> int:
 
 def weight_bytes(module: nn.Module) -> int:
     """Bytes held by parameters and buffers, counting quantized tensors by their packed storage."""
+    import torch.nn as nn
+
     return sum(_tensor_bytes(t.data if isinstance(t, nn.Parameter) else t) for t in [*module.parameters(), *module.buffers()])

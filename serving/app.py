@@ -33,15 +33,15 @@ def prepare_store(config: ServeConfig) -> int:
     return 0
 
 
-def build(config: ServeConfig) -> Application:
-    from serving.generator import Generator
-    from serving.ingress import Ingress
-
-    prepare_store(config)
-    args = config.to_args()
-    generator = serve.deployment(Generator).options(
+def generator_options(config: ServeConfig) -> dict[str, Any]:
+    """`.options()` of the Generator deployment: a fixed replica count, or Ray Serve autoscaling within
+    `generator_autoscaling`'s bounds. Separate from `build` so that tests check them without Ray."""
+    replicas: dict[str, Any] = {"num_replicas": config.generator_replicas}
+    if config.generator_autoscaling is not None:
+        replicas = {"autoscaling_config": config.generator_autoscaling_config}
+    return dict(
         name="Generator",
-        num_replicas=config.generator_replicas,
+        **replicas,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
         max_ongoing_requests=config.generator_max_ongoing,
         max_queued_requests=config.max_queued_requests + config.generator_max_ongoing,
@@ -49,13 +49,28 @@ def build(config: ServeConfig) -> Application:
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=max(30.0, config.request_timeout_s),
     )
-    ingress = Ingress.options(
+
+
+def ingress_options(config: ServeConfig) -> dict[str, Any]:
+    """`.options()` of the Ingress deployment: one replica that answers refusals itself (its admission
+    bound counts the most generator replicas there can be)."""
+    return dict(
         name="Ingress",
         num_replicas=1,
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=config.admission_bound + 256,  # refusals must reach the ingress to be answered at once
         graceful_shutdown_timeout_s=max(30.0, config.request_timeout_s),
     )
+
+
+def build(config: ServeConfig) -> Application:
+    from serving.generator import Generator
+    from serving.ingress import Ingress
+
+    prepare_store(config)
+    args = config.to_args()
+    generator = serve.deployment(Generator).options(**generator_options(config))
+    ingress = Ingress.options(**ingress_options(config))
     return ingress.bind(generator.bind(args), args)
 
 
@@ -68,4 +83,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return build(config)
 
 
-__all__ = ["build", "build_app", "prepare_store"]
+__all__ = ["build", "build_app", "prepare_store", "generator_options", "ingress_options"]

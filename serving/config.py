@@ -6,6 +6,11 @@ application, next to `http_options` / `grpc_options`; `premier serve --config` r
 too, or a plain YAML mapping of the fields below. Environment variables `PREMIER_SERVE_<FIELD>`
 (nested fields with `__`, e.g. `PREMIER_SERVE_FITTING__MAX_IMAGES`) override both; their values
 are parsed as YAML scalars, so `8`, `0.01`, `true` and `null` have their usual types.
+
+How many generators run is an application arg too (`generator_replicas`, or `generator_autoscaling`
+for Ray Serve autoscaling), never the file's `deployments:` section (refused for the Generator):
+the ingress sizes its admission bound from the most replicas there can be, and cannot see
+`deployments:` overrides.
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from premier.errors import InvalidRequestError
+from premier.quantize import QUANTIZE_MODES
 
 from serving.fitting import FitSettings
 
@@ -28,6 +34,32 @@ APP_NAME = "premier"
 MODEL_NAME = "premier"  # the KServe v2 model name
 PACKAGED_SERVE_CONFIG = Path(__file__).with_name("serve_config.yaml")
 GRPC_SERVICER = "serving.grpc_stubs.add_GRPCInferenceServiceServicer_to_server"
+
+
+class GeneratorAutoscaling(BaseModel):
+    """Ray Serve autoscaling of the Generator deployment (its `autoscaling_config`), set in the app's args.
+
+    Here rather than in the Serve file's `deployments:` section because the ingress must know the
+    largest replica count: it sizes the admission bound (ServeConfig.admission_bound), and a
+    `deployments:` override is invisible to the application code.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    min_replicas: int = Field(1, ge=1, le=1024, description="replicas kept when idle; at least 1: a replica loads "
+                              "the model for minutes, longer than a request waits (request_timeout_s)")  # fmt: skip
+    max_replicas: int = Field(..., ge=1, le=1024, description="most replicas; sizes the ingress's admission bound")
+    target_ongoing_requests: Optional[float] = Field(None, gt=0, description="requests in flight per replica the "
+                                                     "autoscaler aims at (default: two batches, 2 x max_batch_size)")  # fmt: skip
+    upscale_delay_s: Optional[float] = Field(None, ge=0, description="load must stay high this long before a scale-up (Ray's default: 30)")
+    downscale_delay_s: Optional[float] = Field(None, ge=0, description="load must stay low this long before a scale-down "
+                                               "(Ray's default: 600; keep it long, a replica is slow to start)")  # fmt: skip
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "GeneratorAutoscaling":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
+        return self
 
 
 class ServeConfig(BaseModel):
@@ -42,9 +74,11 @@ class ServeConfig(BaseModel):
     device: Optional[str] = Field(None, description="torch device of the generators (default: cuda if available)")
     dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
     compile: Optional[str] = Field(None, pattern="^(regional|full)$")
-    quantize: Optional[str] = Field(None, pattern="^(int8|float8)$")
+    quantize: Optional[str] = Field(None, description=f"torchao quantization of the FLUX blocks: {', '.join(QUANTIZE_MODES)}")
 
-    generator_replicas: int = Field(1, ge=1, le=1024)
+    generator_replicas: int = Field(1, ge=1, le=1024, description="a fixed number of generator replicas")
+    generator_autoscaling: Optional[GeneratorAutoscaling] = Field(
+        None, description="instead of generator_replicas (exclusive): Ray Serve autoscaling between min_replicas and max_replicas")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generator replica")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per generator replica")
     torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per generator (default: torch's)")
@@ -58,6 +92,26 @@ class ServeConfig(BaseModel):
     store_cache_size: int = Field(1024, ge=0, description="materialised user embeddings cached per replica")
     api_key: Optional[SecretStr] = Field(None, description="if set, every route but health needs 'Authorization: Bearer <key>'")
     fitting: FitSettings = Field(default_factory=FitSettings)
+
+    @field_validator("quantize")
+    @classmethod
+    def _known_quantization(cls, v: str | None) -> str | None:
+        """The pipeline's own list (premier.quantize.QUANTIZE_MODES), so a mode it gains is servable at once."""
+        if v is not None and v not in QUANTIZE_MODES:
+            raise ValueError(f"must be one of {', '.join(QUANTIZE_MODES)}, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_replica_setting(self) -> "ServeConfig":
+        auto = self.generator_autoscaling
+        if auto is None:
+            return self
+        if "generator_replicas" in self.model_fields_set:
+            raise ValueError("generator_replicas (a fixed count) and generator_autoscaling are exclusive: set one")
+        if auto.target_ongoing_requests is not None and auto.target_ongoing_requests > self.generator_max_ongoing:
+            raise ValueError(f"generator_autoscaling.target_ongoing_requests ({auto.target_ongoing_requests:g}) exceeds what a "
+                             f"replica takes at once (4 x max_batch_size = {self.generator_max_ongoing}): it would never be reached")  # fmt: skip
+        return self
 
     @field_validator("api_key")
     @classmethod
@@ -79,19 +133,40 @@ class ServeConfig(BaseModel):
         return 4 * self.max_batch_size
 
     @property
+    def generator_max_replicas(self) -> int:
+        """The most generator replicas that can run: the fixed count, or the autoscaling maximum."""
+        auto = self.generator_autoscaling
+        return self.generator_replicas if auto is None else auto.max_replicas
+
+    @property
+    def generator_autoscaling_config(self) -> dict[str, Any] | None:
+        """Ray Serve's `autoscaling_config` of the Generator deployment; None: a fixed replica count."""
+        auto = self.generator_autoscaling
+        if auto is None:
+            return None
+        out = auto.model_dump(exclude_none=True)
+        out.setdefault("target_ongoing_requests", 2 * self.max_batch_size)  # two batches in flight per replica
+        return out
+
+    @property
     def admission_bound(self) -> int:
-        """Generation requests one ingress lets in at once (running or queued); the next gets 503."""
-        return self.max_queued_requests + self.generator_max_ongoing * self.generator_replicas
+        """Generation requests one ingress lets in at once (running or queued); the next gets 503. Sized for
+        the most replicas: while the autoscaler adds replicas the excess waits in Ray's handle queues."""
+        return self.max_queued_requests + self.generator_max_ongoing * self.generator_max_replicas
+
+    def _dump(self) -> dict[str, Any]:
+        # With autoscaling, generator_replicas is unused and must stay unset for the args to validate again.
+        return self.model_dump(mode="json", exclude={"generator_replicas"} if self.generator_autoscaling else None)
 
     def redacted(self) -> dict[str, Any]:
         """The configuration as printed at start: the API key hidden."""
-        out = self.model_dump(mode="json")
+        out = self._dump()
         out["api_key"] = "***" if self.api_key is not None else None
         return out
 
     def to_args(self) -> dict[str, Any]:
         """The application `args` (JSON-safe, the API key in clear) that rebuild this config."""
-        out = self.model_dump(mode="json")
+        out = self._dump()
         out["api_key"] = self.api_key.get_secret_value() if self.api_key is not None else None
         return out
 
@@ -154,6 +229,15 @@ def split_serve_file(data: dict[str, Any], source: str = "config") -> tuple[dict
     app = next((a for a in apps if isinstance(a, dict) and a.get("name") == APP_NAME), None)
     if app is None:
         raise InvalidRequestError("config", f"{source} has no application named {APP_NAME!r}")
+    for dep in app.get("deployments") or []:
+        # One source of truth for the generators' count: the app reads it to size its admission bound.
+        if not (isinstance(dep, dict) and dep.get("name") == "Generator"):
+            continue
+        clash = sorted({"num_replicas", "autoscaling_config"} & set(dep))
+        if clash:
+            raise InvalidRequestError("config", f"{source}: deployments[Generator].{clash[0]} would override the app's replica "
+                                      "settings unseen by its admission bound; set generator_replicas or generator_autoscaling "
+                                      "in the application's args instead")  # fmt: skip
     http, grpc = data.get("http_options") or {}, data.get("grpc_options") or {}
     server = {k: v for k, v in (("host", http.get("host")), ("http_port", http.get("port")),
                                 ("grpc_port", grpc.get("port"))) if v is not None}  # fmt: skip
@@ -170,8 +254,8 @@ def build_config(values: dict[str, Any], environ: dict[str, str] | None = None,
         return ServeConfig.model_validate(merged)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "config"
-        raise InvalidRequestError(f"config.{field}", err["msg"]) from None
+        field = ".".join(["config", *(str(p) for p in err["loc"])])
+        raise InvalidRequestError(field, err["msg"].removeprefix("Value error, ")) from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -195,5 +279,5 @@ def describe(config: ServeConfig, options: ServerOptions | None = None) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
-__all__ = ["ServeConfig", "ServerOptions", "FitSettings", "load_config", "build_config", "describe",
+__all__ = ["ServeConfig", "GeneratorAutoscaling", "ServerOptions", "FitSettings", "load_config", "build_config", "describe",
            "split_serve_file", "read_yaml", "APP_NAME", "MODEL_NAME", "PACKAGED_SERVE_CONFIG", "GRPC_SERVICER"]  # fmt: skip

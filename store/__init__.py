@@ -6,6 +6,7 @@
     user_store.py   UserStore: put/get/delete/list/nearest/materialise, catch-up, LRU of embeddings
     concurrency.py  readers-writer lock for the index, versioned LRU of materialised embeddings
     transfer.py     export/import (safetensors + JSONL)
+    backup.py       online backup and offline restore of the whole store (SQLite backup API)
     errors.py       StoreError (a store that cannot be opened or read); bad input raises the core's errors
     testing.py      synthetic bases for tests and benchmarks
     cli.py          `premier users ...`

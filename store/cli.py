@@ -19,28 +19,30 @@ DEFAULT_STORE = "./premier-store"
 EXIT_STORE_ERROR = 3
 
 
-def _common() -> argparse.ArgumentParser:
+def _common(checkpoint: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("store")
     g.add_argument("--store", metavar="DIR", default=None,
                    help=f"store folder (default: $PREMIER_STORE or {DEFAULT_STORE})")  # fmt: skip
-    g.add_argument("--checkpoint", metavar="DIR",
-                   help="Premier checkpoint the store serves (default: the embedded demo checkpoint)")  # fmt: skip
+    if checkpoint:  # backup/restore copy the database as it is: no checkpoint involved
+        g.add_argument("--checkpoint", metavar="DIR",
+                       help="Premier checkpoint the store serves (default: the embedded demo checkpoint)")  # fmt: skip
     return p
 
 
 def register(subparsers: Any) -> None:
     """Add the `users` command group to the top-level `premier` parser."""
-    common = _common()
+    common, store_only = _common(), _common(checkpoint=False)
     users = subparsers.add_parser(
-        "users", help="the user store: put, get, delete, list, nearest, export, import",
+        "users", help="the user store: put, get, delete, list, nearest, export, import, backup, restore",
         description="Manage the user store: durable user records and nearest-preference search.",
     )  # fmt: skip
     sub = users.add_subparsers(dest="users_command", metavar="ACTION")
     sub.required = True
 
-    def add(name: str, help: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", parents=[common])
+    def add(name: str, help: str, func: Callable[[argparse.Namespace], int],
+            parent: argparse.ArgumentParser = common) -> argparse.ArgumentParser:  # fmt: skip
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", parents=[parent])
         p.set_defaults(func=_wrap(func))
         return p
 
@@ -82,6 +84,15 @@ def register(subparsers: Any) -> None:
     p = add("stats", "counts, index kind and sizes", cmd_stats)
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = add("backup", "online backup of the store's database to BACKUP_DIR/users-<UTC time>.sqlite3 (the server may run)",
+            cmd_backup, store_only)  # fmt: skip
+    p.add_argument("backup_dir", metavar="BACKUP_DIR", help="folder of backups (created if missing)")
+    p.add_argument("--keep", type=int, metavar="N", help="then delete all but the newest N backups in BACKUP_DIR")
+
+    p = add("restore", "replace the store's database by a backup (stop every server and fit job first)",
+            cmd_restore, store_only)  # fmt: skip
+    p.add_argument("backup_file", metavar="BACKUP_FILE", help="a users-<time>.sqlite3 file written by `backup`")
+
 
 def _wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Map store errors (which premier.cli.main does not know) to exit 3 with a one-line message."""
@@ -98,11 +109,14 @@ def _wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Names
     return run
 
 
+def _store_path(args: argparse.Namespace) -> str:
+    return args.store or os.environ.get("PREMIER_STORE") or DEFAULT_STORE
+
+
 def _open(args: argparse.Namespace, create: bool = False):
     from store.user_store import UserStore
 
-    path = args.store or os.environ.get("PREMIER_STORE") or DEFAULT_STORE
-    return UserStore.open(path, args.checkpoint, create=create)
+    return UserStore.open(_store_path(args), args.checkpoint, create=create)
 
 
 def _vector_arg(text: str, field: str):
@@ -238,4 +252,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
     else:
         for key, value in stats.items():
             print(f"{key:24s} {value}")
+    return 0
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    from store.backup import backup
+
+    result = backup(_store_path(args), args.backup_dir, keep=args.keep)
+    print(f"backed up {result.users} users to {result.path}" + (f" (pruned {len(result.pruned)} older)" if result.pruned else ""))
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from store.backup import restore
+
+    store = _store_path(args)
+    result = restore(args.backup_file, store)
+    print(f"restored {result.users} users into {store}" + (f" (previous files in {result.moved_to})" if result.moved_to else ""))
     return 0

@@ -82,6 +82,113 @@ def test_serve_file_without_premier_app_args_uses_defaults():
     assert build_config(args, environ={}).max_batch_size == 8
 
 
+def test_quantize_accepts_every_mode_of_the_pipeline(capsys):
+    """The serve config reads the pipeline's own list (premier.quantize.QUANTIZE_MODES), not a copy of it."""
+    import inspect
+
+    import serving.config
+    from premier.quantize import QUANTIZE_MODES
+
+    assert "float8-dynamic" in QUANTIZE_MODES
+    for mode in QUANTIZE_MODES:
+        assert build_config({"quantize": mode}, environ={}).quantize == mode
+    assert build_config({}, environ={"PREMIER_SERVE_QUANTIZE": "float8-dynamic"}).quantize == "float8-dynamic"
+    assert build_config({}, environ={"PREMIER_SERVE_QUANTIZE": ""}).quantize is None  # the gpu overlay's "none"
+    with pytest.raises(InvalidRequestError) as e:
+        build_config({"quantize": "int4"}, environ={})
+    assert e.value.field == "config.quantize" and all(m in e.value.message for m in QUANTIZE_MODES)
+    assert "float8-dynamic" not in inspect.getsource(serving.config)
+
+
+# ---------------------------------------------------------------------- generator replicas
+def test_fixed_replicas_build_the_old_deployment_options():
+    from serving.app import generator_options, ingress_options
+
+    config = build_config({"generator_replicas": 3, "max_batch_size": 4, "max_queued_requests": 10}, environ={})
+    options = generator_options(config)
+    assert options["num_replicas"] == 3 and "autoscaling_config" not in options
+    assert options["max_ongoing_requests"] == 16 and options["max_queued_requests"] == 26
+    assert config.generator_max_replicas == 3 and config.admission_bound == 10 + 16 * 3
+    assert ingress_options(config)["max_ongoing_requests"] == config.admission_bound + 256
+    assert "generator_autoscaling" in config.to_args() and config.to_args()["generator_autoscaling"] is None
+
+
+def test_autoscaling_builds_ray_serve_autoscaling_and_sizes_admission():
+    from ray.serve.config import AutoscalingConfig
+
+    from serving.app import generator_options, ingress_options
+
+    config = build_config({"max_batch_size": 4, "max_queued_requests": 10,
+                           "generator_autoscaling": {"min_replicas": 2, "max_replicas": 5, "downscale_delay_s": 600}},
+                          environ={})  # fmt: skip
+    options = generator_options(config)
+    assert "num_replicas" not in options  # Ray refuses a fixed count next to autoscaling_config
+    auto = options["autoscaling_config"]
+    assert auto == {"min_replicas": 2, "max_replicas": 5, "target_ongoing_requests": 8, "downscale_delay_s": 600}
+    ray_auto = AutoscalingConfig(**auto)  # what Ray Serve validates it with
+    assert (ray_auto.min_replicas, ray_auto.max_replicas, ray_auto.upscale_delay_s) == (2, 5, 30)  # Ray's default kept
+    assert config.generator_max_replicas == 5 and config.admission_bound == 10 + 16 * 5
+    assert ingress_options(config)["max_ongoing_requests"] == config.admission_bound + 256
+    # The replicas rebuild the same config from the args (generator_replicas stays unset there).
+    args = config.to_args()
+    assert "generator_replicas" not in args and "generator_replicas" not in config.redacted()
+    assert build_config(args, environ={}) == config
+    # Nested environment override, as a ConfigMap would set it.
+    env = {"PREMIER_SERVE_GENERATOR_AUTOSCALING__MAX_REPLICAS": "7", "PREMIER_SERVE_GENERATOR_AUTOSCALING__TARGET_ONGOING_REQUESTS": "12"}
+    over = build_config(config.to_args(), environ=env)
+    assert over.generator_autoscaling_config["max_replicas"] == 7 and over.generator_autoscaling_config["target_ongoing_requests"] == 12
+
+
+def test_autoscaling_options_apply_to_the_generator_deployment_without_ray_running():
+    import ray
+    from ray import serve
+
+    from serving.app import generator_options
+    from serving.generator import Generator
+
+    config = build_config({"generator_autoscaling": {"max_replicas": 3}}, environ={})
+    deployment = serve.deployment(Generator).options(**generator_options(config))
+    assert deployment._deployment_config.autoscaling_config.max_replicas == 3
+    assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize(
+    "values, says",
+    [
+        ({"generator_autoscaling": {"min_replicas": 4, "max_replicas": 3}}, "must not exceed max_replicas"),
+        ({"generator_autoscaling": {"min_replicas": 0, "max_replicas": 3}}, "greater than or equal to 1"),
+        ({"generator_autoscaling": {"max_replicas": 0}}, "greater than or equal to 1"),
+        ({"generator_autoscaling": {"min_replicas": 1}}, "max_replicas"),
+        ({"generator_autoscaling": {"max_replicas": 2, "max_replica": 3}}, "max_replica"),
+        ({"generator_autoscaling": {"max_replicas": 2, "target_ongoing_requests": 0}}, "greater than 0"),
+        ({"generator_autoscaling": {"max_replicas": 2, "target_ongoing_requests": 33}}, "exceeds what a replica takes at once"),
+        ({"generator_replicas": 2, "generator_autoscaling": {"max_replicas": 2}}, "exclusive"),
+    ],
+)
+def test_bad_autoscaling_is_refused(values, says, tmp_path, capsys):
+    with pytest.raises(InvalidRequestError) as e:
+        build_config(values, environ={})
+    assert says in str(e.value) and e.value.field.startswith("config")
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert main(["serve", "--check-config", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err
+
+
+def test_serve_file_replica_override_is_refused_other_deployment_settings_pass():
+    """One source of truth: a Serve-level num_replicas/autoscaling_config for the Generator would bypass the
+    admission bound, so it is refused; other deployment settings stay Ray Serve's business."""
+    app = {"name": "premier", "import_path": "serving.app:build_app", "args": {"generator_autoscaling": {"max_replicas": 2}}}
+    for key, value in (("autoscaling_config", {"max_replicas": 4}), ("num_replicas", "auto")):
+        data = {"applications": [{**app, "deployments": [{"name": "Generator", key: value}]}]}
+        with pytest.raises(InvalidRequestError, match=rf"deployments\[Generator\]\.{key}"):
+            split_serve_file(data)
+    data = {"applications": [{**app, "deployments": [{"name": "Generator", "ray_actor_options": {"num_cpus": 2}}]}]}
+    args, _ = split_serve_file(data)
+    assert build_config(args, environ={}).generator_max_replicas == 2
+
+
 # ---------------------------------------------------------------------- KServe v2 tensors
 def _http_body(inputs: list[dict], binary: list[bytes] = ()) -> tuple[bytes, int | None]:
     head = json.dumps({"inputs": inputs}).encode()
