@@ -49,10 +49,16 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
         assert row in report
     assert "premier eval --quick" in report or "Command:" in report
     results = json.loads((docs / "eval.json").read_text())
-    assert set(results["rows"]) == {"ground_truth", "base", "premier", "no_ppm", "no_shared"}
+    assert set(results["rows"]) == {"ground_truth", "base", "start", "premier", "no_ppm", "no_shared"}
+    assert "Premier, no history (stage 2's starting point" in report and "What fitting adds" in report
     assert set(results["sweep"]) == {"coefficients", "direct"} and set(results["sweep"]["direct"]) == {"1", "2"}
     for row in results["rows"].values():
         assert 0 <= row["alignment"] <= 1 and 0 <= row["text"] <= 1 and row["distance"] >= 0
+    # Per-(user, prompt) alignments behind every row, whose means are the rows' alignments.
+    for name in ("base", "start", "premier", "no_ppm", "no_shared"):
+        assert len(results["pairs"][name]) == 2  # 1 test user x 2 test prompts
+        assert sum(results["pairs"][name]) / len(results["pairs"][name]) == pytest.approx(results["rows"][name]["alignment"], abs=1e-4)
+    assert "w/o PPM (empty prompt into the adapters) vs full Premier: alignment" in report and " ± " in report
     for png in ("eval_fitting.png", "eval_table.png", "eval_examples.png"):
         assert (docs / png).stat().st_size > 0
     # The ablation runs are kept in WORK, and finished rows are reused by the next eval with the same settings.
@@ -99,3 +105,20 @@ def test_world_show_writes_a_contact_sheet(tmp_path, capsys):
     assert main(["world", "show", "-o", str(out), "--users", "2", "--prompts", "3", "--scale", "1"]) == 0
     assert Image.open(out).size == (3 * 32, 6 * 32)  # 4 demo users + 2 training users
     assert "alice" in capsys.readouterr().out
+
+
+def test_paired_difference_and_its_reading():
+    from premier.world.evaluate import findings, paired_difference
+
+    a = [0.6, 0.7, 0.5, 0.65]
+    assert paired_difference(a, a) == (0.0, 0.0)
+    d, half = paired_difference(a, [x - 0.1 for x in a])  # a constant shift: no noise at all
+    assert d == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12)
+    d, half = paired_difference([0.1, 0.9, 0.2, 0.8], [0.5, 0.5, 0.5, 0.5])
+    assert d == pytest.approx(0.0) and half > 0.3
+    rows = {k: {"alignment": sum(v) / len(v), "win_rate": 0.5, "text": 0.5, "distance": 0.5}
+            for k, v in {"base": [0.4] * 4, "premier": [0.6, 0.7, 0.6, 0.7], "no_ppm": [0.62, 0.68, 0.58, 0.72]}.items()}
+    pairs = {"base": [0.4] * 4, "premier": [0.6, 0.7, 0.6, 0.7], "no_ppm": [0.62, 0.68, 0.58, 0.72]}
+    text = "\n".join(findings(rows, {}, pairs))
+    assert "Premier (full): alignment +0.250 ± " in text and "(higher)" in text
+    assert "w/o PPM (empty prompt into the adapters) vs full Premier: alignment +0.000 ± " in text and "(within noise)" in text

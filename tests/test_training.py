@@ -72,6 +72,36 @@ def test_dispersion_loss_matches_its_definition():
         dispersion_loss(torch.randn(1, 3))
 
 
+def test_mean_scaled_dispersion_is_bounded_and_ignores_a_common_scale():
+    z = torch.randn(6, 2, 5)
+    flat = z.reshape(6, -1)
+    d2 = torch.cdist(flat, flat).pow(2)[~torch.eye(6, dtype=torch.bool)]
+    expected = torch.log(torch.exp(-d2 / d2.mean() / 0.5).mean())
+    torch.testing.assert_close(dispersion_loss(z, tau=0.5, scale="mean"), expected, atol=1e-5, rtol=1e-5)
+    # Inflating every output lowers the dim-scaled loss without limit but leaves the mean-scaled one.
+    assert float(dispersion_loss(10 * z)) < float(dispersion_loss(z)) - 1.0
+    torch.testing.assert_close(dispersion_loss(10 * z, scale="mean"), dispersion_loss(z, scale="mean"))
+    # ...so its gradient has no component along z itself (no push to grow).
+    zz = z.clone().requires_grad_(True)
+    dispersion_loss(zz, scale="mean").backward()
+    assert abs(float((zz.grad * z).sum())) < 1e-5
+    torch.testing.assert_close(dispersion_loss(z, scale="none"), torch.log(torch.exp(-d2).mean()), atol=1e-5, rtol=1e-5)
+    same = torch.zeros(4, 6, requires_grad=True)
+    loss = dispersion_loss(same, scale="mean")
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6) and torch.isfinite(same.grad).all()
+    with pytest.raises(ValueError, match="scale"):
+        dispersion_loss(z, scale="cosine")
+
+
+def test_stage1_config_dispersion_scale():
+    with pytest.raises(InvalidRequestError, match="dispersion_scale"):
+        Stage1Config(dispersion_scale="cosine").check()
+    # runs written before the setting existed still load
+    assert Stage1Config.from_dict({"normalise_dispersion": True}).dispersion_scale == "dim"
+    assert Stage1Config.from_dict({"normalise_dispersion": False}).dispersion_scale == "none"
+
+
 # ----------------------------------------------------------------------------- stage 1
 def test_stage1_loss_falls(trained, dataset):
     tr, before, _, _ = trained

@@ -58,14 +58,31 @@ def test_the_shipped_model_follows_prompts(generated, probe):
 
 
 def test_demo_users_change_the_images(generated):
-    """Each demo user's images differ from the others' and from the base model's on the same prompts and seeds.
-
-    Not asserted: that each demo user's images are closer to that user's style than the base
-    model's. The shipped model does not do that yet (docs/eval.md measures it), and a test must
-    only assert what is robustly true.
-    """
+    """Each demo user's images differ from the others' and from the base model's on the same prompts and seeds."""
     names = list(generated)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             diff = np.abs(generated[a].astype(int) - generated[b].astype(int)).mean()
             assert diff > 1.0, (a, b, diff)
+
+
+def test_demo_users_get_their_own_style(generated, probe):
+    """The shipped model personalizes (by the probe; docs/eval.md measures the same on held-out users).
+
+    Measured when the model was built: each demo user's images align with that user's style at
+    0.52-0.66 (mean 0.60) against 0.32-0.49 (mean 0.40) for the base model's images, and with the
+    other demo users' styles at 0.18-0.48. A demo user whose style is close to the base model's
+    habits gains little, so the margins are asserted on means, not on every pair.
+    """
+    from premier.world.build import BuildConfig
+    from premier.world.users import demo_users
+
+    styles = {u.user_id: u.style for u in demo_users(BuildConfig().world)}
+    align = {(img, style): float(probe.preference_alignment(generated[img], [styles[style]] * len(PROMPTS)).mean())
+             for img in generated for style in DEMO_USERS}  # fmt: skip
+    own = np.mean([align[(u, u)] for u in DEMO_USERS])
+    base = np.mean([align[("base", u)] for u in DEMO_USERS])
+    assert own > base + 0.1, (own, base)
+    for user in DEMO_USERS:  # a user's images carry its own style more than the other users' styles
+        others = np.mean([align[(user, o)] for o in DEMO_USERS if o != user])
+        assert align[(user, user)] > others + 0.1, (user, align[(user, user)], others)

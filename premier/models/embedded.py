@@ -157,6 +157,8 @@ def embedded_premier_config(spec: EmbeddedSpec = EmbeddedSpec()) -> PremierConfi
         adapter_width=spec.adapter_width,
         adapter_heads=spec.adapter_heads,
         double_blocks=tuple(range(spec.num_layers)),
+        # The single blocks too: without them stage 1 learned users about half as well (docs/world.md).
+        single_blocks=tuple(range(spec.num_single_layers)),
     )
 
 

@@ -58,6 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lambda-shared", type=float, help="dispersion weight, block-shared adapter (default 0.1)")
     g.add_argument("--lambda-distinct", type=float, help="dispersion weight, block-distinct adapter (default 0.1)")
     g.add_argument("--tau", type=float, help="dispersion temperature (default 1.0)")
+    g.add_argument("--dispersion-scale", choices=("dim", "mean", "none"),
+                   help="what the dispersion's squared distances are divided by (default dim; mean is bounded, see docs/world.md)")
     g.add_argument("--timestep-sampling", choices=["logit_normal", "uniform"])
     g.add_argument("--logit-mean", type=float)
     g.add_argument("--logit-std", type=float)
@@ -70,6 +72,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int)
     _optim_args(p)
     _model_args(p, dtype=False)
+    d = p.add_argument_group("distributed (Ray Train; docs/operations.md \"Stage-1 training on 8 GPUs\")")
+    d.add_argument("--num-workers", type=int,
+                   help="run the same trainer on N Ray Train workers (DDP-style; gloo on CPU, NCCL with --use-gpu); "
+                   "omit for one process without Ray. --batch-size stays the global batch, so N does not change the run")  # fmt: skip
+    d.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
+    d.add_argument("--micro-batch", type=int,
+                   help="run each worker's share of a step's batch in chunks of at most this many images (gradients "
+                   "accumulate; bounds activation memory, changes nothing else; default: the whole share)")  # fmt: skip
+    d.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray")
+    d.add_argument("--max-failures", type=int, default=3,
+                   help="worker-group restarts after a worker dies, each from the last checkpoint (default 3)")  # fmt: skip
     _finish(p, cmd_train)
 
     p = sub.add_parser(
@@ -160,7 +173,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- train
 def _stage1_overrides(args: argparse.Namespace) -> dict[str, Any]:
     names = ("steps", "batch_size", "dispersion_users", "dispersion_tokens", "lambda_shared", "lambda_distinct", "tau",
-             "timestep_sampling", "logit_mean", "logit_std", "guidance", "precision", "gradient_checkpointing",
+             "dispersion_scale", "timestep_sampling", "logit_mean", "logit_std", "guidance", "precision", "gradient_checkpointing",
              "checkpoint_every", "keep_checkpoints", "log_every", "seed")  # fmt: skip
     out: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     optim = {n: getattr(args, n) for n in ("optimizer", "lr", "weight_decay", "grad_clip") if getattr(args, n) is not None}
@@ -187,18 +200,67 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise InvalidRequestError("config", f"{args.config} must hold a JSON object")
         overrides = _merge(file_cfg, overrides)
     dataset = PreparedDataset(args.data)
+    if args.num_workers is not None:
+        return _train_distributed(args, dataset, overrides)
+    if args.use_gpu or args.address:
+        raise InvalidRequestError("num_workers", "--use-gpu and --address need --num-workers")
     flux = load_transformer(args.model, resolve_device(args.device))
     if args.resume:
-        trainer = Stage1Trainer.resume(flux, dataset, args.out, overrides)
+        trainer = Stage1Trainer.resume(flux, dataset, args.out, overrides, micro_batch=args.micro_batch)
         print(f"resuming from {trainer.last_checkpoint} at step {trainer.step}", file=sys.stderr)
     else:
         config = Stage1Config.from_dict(overrides)
         pcfg = _premier_config(args.premier_config) if args.premier_config else default_premier_config(args.model, flux)
-        trainer = Stage1Trainer(flux, dataset, args.out, config, pcfg)
+        trainer = Stage1Trainer(flux, dataset, args.out, config, pcfg, micro_batch=args.micro_batch)
     result = trainer.run(progress=args.progress)
     last = result["last"]
     if last:
         print(f"step {result['step']}: loss {last['loss']:.5f} (flow matching {last['fm']:.5f})")
+    print(f"checkpoint: {result['checkpoint']}")
+    return 0
+
+
+def _train_distributed(args: argparse.Namespace, dataset: Any, overrides: dict[str, Any]) -> int:
+    """`premier train --num-workers N`: check what can be checked here, then run the TorchTrainer."""
+    import os
+
+    from premier.errors import InvalidRequestError
+    from premier.training.config import Stage1Config
+    from premier.training.distributed import assign_users, run_distributed
+    from premier.training.stage1 import latest_checkpoint
+
+    if args.num_workers < 1:
+        raise InvalidRequestError("num_workers", f"must be at least 1, got {args.num_workers}")
+    if args.micro_batch is not None and args.micro_batch < 1:
+        raise InvalidRequestError("micro_batch", f"must be at least 1, got {args.micro_batch}")
+    if args.max_failures < 0:
+        raise InvalidRequestError("max_failures", f"must be >= 0, got {args.max_failures}")
+    if args.device:
+        raise InvalidRequestError("device", "--device is for one process; workers use --use-gpu (one GPU each) or the CPU")
+    assign_users(dataset.user_counts, args.num_workers)  # enough users for the workers
+    if args.resume:
+        if latest_checkpoint(args.out) is None:
+            raise InvalidRequestError("resume", f"{Path(args.out) / 'checkpoints'} holds no checkpoint to resume from")
+    else:
+        Stage1Config.from_dict(overrides).check(num_users=len(dataset.user_ids))
+    pcfg = _premier_config(args.premier_config).to_dict() if args.premier_config else None
+    import ray
+
+    started = not ray.is_initialized()  # already connected (called from Python): use that cluster
+    if started and args.address:
+        ray.init(address=args.address)
+    elif started:
+        ray.init(num_cpus=max(os.cpu_count() or 1, args.num_workers), include_dashboard=False)
+    try:
+        result = run_distributed(args.data, args.out, overrides, args.num_workers, use_gpu=args.use_gpu, model=args.model,
+                                 premier_config=pcfg, resume=args.resume, max_failures=args.max_failures,
+                                 progress=args.progress, micro_batch=args.micro_batch)  # fmt: skip
+    finally:
+        if started:
+            ray.shutdown()
+    last = result["metrics"]
+    if "loss" in last:
+        print(f"step {last['step']}: loss {last['loss']:.5f} (flow matching {last['fm']:.5f}) on {args.num_workers} workers")
     print(f"checkpoint: {result['checkpoint']}")
     return 0
 

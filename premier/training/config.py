@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from premier.errors import InvalidRequestError
+from premier.training.losses import DISPERSION_SCALES
 
 OPTIMIZERS = ("prodigy", "adamw")
 PRECISIONS = ("fp32", "bf16")
@@ -42,7 +43,7 @@ class Stage1Config:
     lambda_shared: float = 0.1
     lambda_distinct: float = 0.1
     tau: float = 1.0
-    normalise_dispersion: bool = True  # divide squared distances by the feature dimension
+    dispersion_scale: str = "dim"  # what squared distances are divided by: dim | mean | none (losses.dispersion_loss)
     timestep_sampling: str = "logit_normal"
     logit_mean: float = 1.0
     logit_std: float = 1.0
@@ -65,6 +66,8 @@ class Stage1Config:
         _non_negative("lambda_shared", self.lambda_shared)
         _non_negative("lambda_distinct", self.lambda_distinct)
         _positive("tau", self.tau)
+        if self.dispersion_scale not in DISPERSION_SCALES:
+            raise InvalidRequestError("dispersion_scale", f"must be one of {', '.join(DISPERSION_SCALES)}, got {self.dispersion_scale!r}")
         _positive("logit_std", self.logit_std)
         if self.timestep_sampling not in TIMESTEP_SCHEMES:
             raise InvalidRequestError("timestep_sampling", f"must be one of {', '.join(TIMESTEP_SCHEMES)}")
@@ -86,6 +89,9 @@ class Stage1Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Stage1Config":
+        d = dict(d)
+        if "normalise_dispersion" in d:  # runs written before dispersion_scale existed
+            d.setdefault("dispersion_scale", "dim" if d.pop("normalise_dispersion") else "none")
         return _from_dict(cls, d)
 
 

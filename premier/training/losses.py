@@ -24,29 +24,47 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tup
     return (1 - t) * x0 + t * noise, noise - x0
 
 
-def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Mean squared error; `reduction="sum"` sums the per-example means instead (stage 1 divides the
+    sum by the global batch, so a worker's share of a batch weighs as it would in one process)."""
+    if reduction == "sum":
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1).sum()
     return F.mse_loss(pred.float(), target.float())
 
 
-def dispersion_loss(z: torch.Tensor, tau: float = 1.0, normalise_by_dim: bool = True) -> torch.Tensor:
+DISPERSION_SCALES = ("dim", "mean", "none")
+
+
+def dispersion_loss(z: torch.Tensor, tau: float = 1.0, scale: str = "dim") -> torch.Tensor:
     """InfoNCE-L2 dispersion ("Diffuse and Disperse") over M >= 2 rows of z (M, ...):
 
-        log( 1/(M(M-1)) * sum_{i != j} exp(-||z_i - z_j||^2 / tau) )
+        log( 1/(M(M-1)) * sum_{i != j} exp(-||z_i - z_j||^2 / (s * tau)) )
 
-    computed with logsumexp. With `normalise_by_dim` the squared distance is divided by the
-    feature dimension (as the Diffuse-and-Disperse code does), so tau means the same for the
-    small shared adapter output and the n_blocks-times larger distinct one. Minimising it pushes
-    users apart; it is <= 0 and reaches 0 when every row is equal.
+    computed with logsumexp. Minimising it pushes users apart; it is <= 0 and reaches 0 when every
+    row is equal. The scale s of the squared distances:
+
+    - `dim`: the feature dimension, as the Diffuse-and-Disperse code does, so tau means the same for
+      the small shared adapter output and the n_blocks-times larger distinct one. The loss is
+      unbounded below: scaling every output up lowers it without making users any more different,
+      and in the synthetic world that inflated the adapters' deltas until they hurt the flow-matching
+      loss (docs/world.md);
+    - `mean`: the mean squared distance over the pairs (not detached), which makes the loss invariant
+      to a common scale of the outputs, so it can only spread users relative to each other; bounded;
+    - `none`: raw squared distances.
     """
+    if scale not in DISPERSION_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(DISPERSION_SCALES)}, got {scale!r}")
     m = z.shape[0]
     if m < 2:
         raise ValueError("the dispersion loss needs at least two users")
     flat = z.reshape(m, -1).float()
-    d2 = pairwise_sq_distances(flat)
-    if normalise_by_dim:
-        d2 = d2 / flat.shape[1]
     off = ~torch.eye(m, dtype=torch.bool, device=z.device)
-    return torch.logsumexp(-d2[off] / tau, dim=0) - math.log(m * (m - 1))
+    d2 = pairwise_sq_distances(flat)[off]
+    if scale == "dim":
+        d2 = d2 / flat.shape[1]
+    elif scale == "mean":
+        d2 = d2 / d2.mean().clamp_min(torch.finfo(d2.dtype).tiny)
+    return torch.logsumexp(-d2 / tau, dim=0) - math.log(m * (m - 1))
 
 
 def pairwise_sq_distances(flat: torch.Tensor) -> torch.Tensor:

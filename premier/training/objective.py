@@ -40,12 +40,16 @@ class FlowObjective:
 
     def draw(self, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps (B,) and noise like `latents`, from the training generator (CPU, so runs reproduce)."""
-        t = sample_timesteps(latents.shape[0], generator, self.scheme, self.logit_mean, self.logit_std)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        return self.draw_shape(tuple(latents.shape), generator)
+
+    def draw_shape(self, shape: tuple[int, ...], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """`draw` for a batch of this shape that need not be loaded (every rank draws the global batch's)."""
+        t = sample_timesteps(shape[0], generator, self.scheme, self.logit_mean, self.logit_std)
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return t, noise
 
     def loss(self, latents: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, user_tokens: torch.Tensor,
-             t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+             t: torch.Tensor, noise: torch.Tensor, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
         dev = self.device
         x0 = latents.to(dev, torch.float32)
         b, c, h, w = x0.shape
@@ -68,7 +72,7 @@ class FlowObjective:
                 guidance=guidance,
                 text_deltas=deltas,
             )
-        return flow_matching_loss(pred, target)
+        return flow_matching_loss(pred, target, reduction)
 
     def _adapter_dtype(self) -> torch.dtype:
         return next(self.adapters.parameters()).dtype

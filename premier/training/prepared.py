@@ -294,6 +294,16 @@ class PreparedDataset:
         k = self.user_ids.index(user_id)
         return [i for i, u in enumerate(self.user_of.tolist()) if u == k]
 
+    @property
+    def user_counts(self) -> list[int]:
+        """Examples per user, in user_ids order (from the manifest; no shard is opened)."""
+        return torch.bincount(self.user_of, minlength=len(self.user_ids)).tolist()
+
+    def sample_shape(self, index: int) -> tuple[int, ...]:
+        """Shape of one example's latents, from its shard's header (no tensor data is read)."""
+        name, _ = self._rows[index]
+        return tuple(self._shard(name).get_slice("latents").get_shape()[1:])
+
     def _shard(self, name: str) -> Any:
         handle = self._open.get(name)
         if handle is None:

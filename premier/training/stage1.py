@@ -8,6 +8,11 @@ the DiT batch is (the reference release only gets it across GPUs).
 Everything random comes from one CPU generator whose state is checkpointed with the model
 and the optimizer, so a resumed run takes exactly the steps an uninterrupted one would.
 
+The same trainer runs on N Ray Train workers (premier.training.distributed): `comm` supplies the
+collectives (the identity in one process), every rank draws the same global batch from the same
+generator and computes only the examples of the users it owns; rank 0 writes checkpoints and
+metrics. Nothing saved depends on N, so a run resumes on any number of workers.
+
     OUT/
       checkpoints/step-0000500/    a Premier checkpoint (loadable with --checkpoint) + trainer_state.safetensors
       checkpoints/latest           name of the newest complete checkpoint
@@ -22,6 +27,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +39,7 @@ from premier.checkpoint import PremierModel
 from premier.config import PremierConfig
 from premier.errors import CheckpointError, InvalidRequestError, TrainingError
 from premier.training.config import Stage1Config
+from premier.training.distributed import LocalComm, assign_users, chunk
 from premier.training.losses import dispersion_loss
 from premier.training.metrics import MetricsLog, plot_losses
 from premier.training.objective import FixedDrawLoss, FlowObjective, build_optimizer, current_lr
@@ -51,8 +58,21 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every
 
 class Stage1Trainer:
     def __init__(self, flux: FluxTransformer2DModel, dataset: PreparedDataset, out: str | Path,
-                 config: Stage1Config, premier_config: PremierConfig):  # fmt: skip
+                 config: Stage1Config, premier_config: PremierConfig, comm: LocalComm | None = None,
+                 micro_batch: int | None = None):  # fmt: skip
+        """`comm`: the workers' collectives (None: one process). `micro_batch`: run this rank's share of
+        a step's DiT batch in chunks of at most this many images, accumulating gradients; it bounds the
+        activation memory (the share varies from step to step with N workers) and changes nothing else."""
         config.check(num_users=len(dataset.user_ids))
+        if micro_batch is not None and micro_batch < 1:
+            raise InvalidRequestError("micro_batch", f"must be at least 1, got {micro_batch}")
+        self.micro_batch = micro_batch
+        self.comm = comm or LocalComm()
+        # users -> ranks; this rank loads only the examples of its users (its shards of the dataset)
+        self.owner = assign_users(dataset.user_counts, self.comm.world_size)
+        self._owned = self.owner == self.comm.rank
+        first_own = int(torch.nonzero(self._owned[dataset.user_of]).flatten()[0])
+        self._sample_shape = dataset.sample_shape(first_own)
         check_signature(dataset.signature, flux.config)
         premier_config.check_fits(flux.config)
         self.config, self.dataset, self.out = config, dataset, Path(out)
@@ -84,7 +104,8 @@ class Stage1Trainer:
     # ------------------------------------------------------------------ resume
     @classmethod
     def resume(cls, flux: FluxTransformer2DModel, dataset: PreparedDataset, out: str | Path,
-               overrides: dict[str, Any] | None = None, checkpoint: str | Path | None = None) -> "Stage1Trainer":  # fmt: skip
+               overrides: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
+               comm: LocalComm | None = None, micro_batch: int | None = None) -> "Stage1Trainer":  # fmt: skip
         """Continue from `checkpoint` (default: OUT/checkpoints/latest) with its saved settings.
 
         `overrides` may change only RESUMABLE_CHANGES (e.g. more steps); any other setting that
@@ -112,7 +133,7 @@ class Stage1Trainer:
         model, ckpt_id = PremierModel.load(folder)
         if model.users.user_ids != list(dataset.user_ids):
             raise InvalidRequestError("resume", f"{folder} was trained on other users than {dataset.folder} holds")
-        trainer = cls(flux, dataset, out, saved, model.config)
+        trainer = cls(flux, dataset, out, saved, model.config, comm=comm, micro_batch=micro_batch)
         with torch.no_grad():
             for mine, theirs in zip(trainer.model.parameters(), model.parameters()):
                 mine.copy_(theirs)
@@ -125,36 +146,52 @@ class Stage1Trainer:
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, Any]:
-        cfg, g, ds = self.config, self.generator, self.dataset
+        """One step on the global batch; with N workers each computes its users' part (module docstring)."""
+        cfg, g, ds, comm = self.config, self.generator, self.dataset, self.comm
         started = time.perf_counter()
+        # Identical on every rank: the global batch, its timesteps and noise, the dispersion users.
         indices = torch.randint(len(ds), (cfg.batch_size,), generator=g)
-        batch = ds.get(indices.tolist())
-        t, noise = self.objective.draw(batch.latents, g)
-        fm = self.objective.loss(batch.latents, batch.text, batch.pooled, self.model.users(batch.users.to(self.device)), t, noise)
+        t, noise = self.objective.draw_shape((cfg.batch_size, *self._sample_shape), g)
+        mine = torch.nonzero(self._owned[ds.user_of[indices]]).flatten()  # may be empty
+        self.optimizer.zero_grad(set_to_none=True)
+        fm_sum = torch.zeros((), device=self.device)
+        for part in mine.split(self.micro_batch or len(mine)) if len(mine) else ():
+            batch = ds.get(indices[part].tolist())
+            part_sum = self.objective.loss(batch.latents, batch.text, batch.pooled, self.model.users(batch.users.to(self.device)),
+                                           t[part], noise[part], reduction="sum")  # fmt: skip
+            (part_sum / cfg.batch_size).backward()  # this rank's share of the global mean
+            fm_sum = fm_sum + part_sum.detach()
+        fm = comm.sum(fm_sum / cfg.batch_size)
         loss = fm
-        metrics: dict[str, Any] = {"fm": float(fm.detach())}
+        metrics: dict[str, Any] = {}
         if cfg.dispersion_enabled:
             k = len(ds.user_ids)
             chosen = torch.randperm(k, generator=g)[: min(cfg.dispersion_users, k)].to(self.device)
-            text = self._empty_text.unsqueeze(0).expand(len(chosen), -1, -1)
+            lo, hi = chunk(len(chosen), comm.rank, comm.world_size)
+            rows = chosen[lo:hi] if hi > lo else chosen[:1]  # fewer users than workers: run one, keep none
+            text = self._empty_text.unsqueeze(0).expand(len(rows), -1, -1)
             with self.objective.autocast():
-                out = self.model.adapters(text, self.model.users(chosen))
-            d_s = dispersion_loss(out.shared, cfg.tau, cfg.normalise_dispersion)
-            d_b = dispersion_loss(out.distinct, cfg.tau, cfg.normalise_dispersion)
-            loss = loss + cfg.lambda_shared * d_s + cfg.lambda_distinct * d_b
+                out = self.model.adapters(text, self.model.users(rows))
+            # every rank gets all the step's users (in `chosen` order) with gradients flowing back
+            d_s = dispersion_loss(comm.gather_rows(out.shared[: hi - lo]), cfg.tau, cfg.dispersion_scale)
+            d_b = dispersion_loss(comm.gather_rows(out.distinct[: hi - lo]), cfg.tau, cfg.dispersion_scale)
+            disp = cfg.lambda_shared * d_s + cfg.lambda_distinct * d_b
+            # each rank back-propagates 1/N of it; the gather's backward and the gradient all-reduce sum the N parts
+            (disp / comm.world_size).backward()
+            loss = loss + disp.detach()
             metrics.update(disp_shared=float(d_s.detach()), disp_distinct=float(d_b.detach()))
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        metrics = {"fm": float(fm), **metrics}
+        comm.all_reduce_grads(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-        if not (math.isfinite(float(loss.detach())) and math.isfinite(float(grad_norm))):
+        if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
             where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
             raise TrainingError(
-                f"non-finite loss ({float(loss.detach())}) or gradient norm ({float(grad_norm)}) at step {self.step + 1}; "
+                f"non-finite loss ({float(loss)}) or gradient norm ({float(grad_norm)}) at step {self.step + 1}; "
                 f"stopped without applying it; {where}"
             )
         self.optimizer.step()
         self.step += 1
-        metrics.update(step=self.step, loss=float(loss.detach()), grad_norm=float(grad_norm), lr=current_lr(self.optimizer),
+        metrics.update(step=self.step, loss=float(loss), grad_norm=float(grad_norm), lr=current_lr(self.optimizer),
                        seconds=time.perf_counter() - started)  # fmt: skip
         return metrics
 
@@ -166,10 +203,21 @@ class Stage1Trainer:
             return fixed(self.model.users(batch.users.to(self.device)))
 
     # ------------------------------------------------------------------ the loop
-    def run(self, progress: bool = True) -> dict[str, Any]:
+    @property
+    def is_writer(self) -> bool:
+        """Rank 0 writes metrics, plots and checkpoints; the other ranks hold identical state."""
+        return self.comm.rank == 0
+
+    def run(self, progress: bool = True,
+            on_step: Callable[["Stage1Trainer", dict[str, Any]], None] | None = None,
+            on_checkpoint: Callable[["Stage1Trainer", dict[str, Any], Path | None], None] | None = None) -> dict[str, Any]:  # fmt: skip
+        """Train to `config.steps`. `on_step(trainer, metrics)` runs after every step on every rank;
+        `on_checkpoint(trainer, metrics, folder)` after every checkpoint step on every rank, with the
+        folder written on rank 0 and None elsewhere (Ray Train reports from it)."""
         cfg = self.config
-        self._log = MetricsLog(self.out / METRICS, resume_step=self.step if self._resumed else None)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.is_writer:
+            self._log = MetricsLog(self.out / METRICS, resume_step=self.step if self._resumed else None)
+            self.out.mkdir(parents=True, exist_ok=True)
         from tqdm.auto import tqdm
 
         bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="stage 1", unit="step")
@@ -177,15 +225,20 @@ class Stage1Trainer:
         try:
             while self.step < cfg.steps:
                 last = self.train_step()
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self._log is not None and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
                     self._log.write(last)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['loss']:.4f}", fm=f"{last['fm']:.4f}")
+                if on_step is not None:
+                    on_step(self, last)
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save_checkpoint()
+                    folder = self.save_checkpoint() if self.is_writer else None
+                    if on_checkpoint is not None:
+                        on_checkpoint(self, last, folder)
         finally:
             bar.close()
-            self._log.close()
+            if self._log is not None:
+                self._log.close()
         return {"step": self.step, "last": last, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
 
     # ------------------------------------------------------------------ checkpoints

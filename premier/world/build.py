@@ -49,11 +49,12 @@ PROBE_DIR = "probe"
 class BuildConfig:
     world: WorldConfig = WorldConfig()
     base: BaseTrainConfig = BaseTrainConfig()
-    # AdamW, not the paper's Prodigy: Prodigy's step size is still ~1e-5 after 60 steps here, and the
-    # CPU budget is a few hundred steps, in which each training user's row is updated only ~60 times,
-    # hence the high learning rate (docs/world.md).
-    stage1: Stage1Config = Stage1Config(steps=400, batch_size=32, dispersion_users=64, checkpoint_every=200,
-                                        keep_checkpoints=1, log_every=10,
+    # AdamW, not the paper's Prodigy: Prodigy's step size is still ~1e-5 after 60 steps here and the
+    # CPU budget is a few thousand steps, hence the high learning rate. Dispersion with the paper's
+    # weights but on mean-scaled distances: the feature-dimension scaling is unbounded below and its
+    # inflated deltas stopped the model from personalising (docs/world.md).
+    stage1: Stage1Config = Stage1Config(steps=3000, batch_size=32, dispersion_users=64, dispersion_scale="mean",
+                                        checkpoint_every=500, keep_checkpoints=1, log_every=10,
                                         optim=OptimConfig("adamw", lr=5e-3, weight_decay=1e-4))  # fmt: skip
     # No held-out early stopping: with one held-out 32x32 image the loss at 8 draws is too noisy to
     # rank steps (measured: 3 of 4 demo users kept their initial coefficients).

@@ -50,11 +50,14 @@ LABELS = {
 }
 
 
+START_LABEL = "Premier, no history (stage 2's starting point: the mean training user)"
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    test_users: int = 8
+    test_users: int = 12  # all of the world's held-out users
     history: int = 8
-    sweep: tuple[int, ...] = (2, 4, 8, 16, 32)
+    sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     sweep_users: int = 4
     variants: tuple[str, ...] = VARIANTS
     denoise_steps: int = 8
@@ -209,6 +212,10 @@ class Evaluator:
             row["win_rate"] = float(((align > base_align).float() + 0.5 * (align == base_align).float()).mean())
         return row
 
+    def _pairs(self, images: np.ndarray, styles: list) -> list[float]:
+        """Alignment per (user, prompt): comparisons are paired over them (`paired_difference`)."""
+        return [round(float(a), 5) for a in self.probe.preference_alignment(images, styles)]
+
     # ------------------------------------------------------------------ the run
     def run(self, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """All rows; `on_update` gets the results so far after each row (a long run reports as it goes)."""
@@ -221,6 +228,8 @@ class Evaluator:
         base_images = self.generate(None, None, None, users)  # cheap, and every win rate needs it
         results["rows"]["base"], base = self.cached("base", lambda: (self.score(base_images, users, base_images), base_images))
         self.log(f"eval: base {results['rows']['base']}")
+        styles = [u.style for u, _ in self.requests]
+        pairs = results["pairs"] = {"base": self._pairs(base, styles)}
         images = {"base": base}
         results["examples"] = images
         results["reused"] = self.reused
@@ -230,6 +239,19 @@ class Evaluator:
             results["seconds"] = round(time.perf_counter() - started, 1)
             if on_update is not None:
                 on_update(results)
+
+        if "premier" in cfg.variants:
+            # Stage 2's starting point (the uniform mix of the training users) without any image: what
+            # the fit from a user's images adds is the distance from this row to the Premier row.
+            def start_row() -> tuple[dict[str, float], np.ndarray]:
+                premier, ckpt = self.checkpoint("premier")
+                start = premier.users.materialise(torch.full((len(premier.users),), 1.0 / len(premier.users))).detach()
+                imgs = self.generate(premier, ckpt, {u.user_id: start for u in users}, users)
+                return self.score(imgs, users, base), imgs
+
+            results["rows"]["start"], start_images = self.cached("start", start_row)
+            pairs["start"] = self._pairs(start_images, styles)
+            self.log(f"eval: start {results['rows']['start']}")
 
         for variant in sorted(cfg.variants, key=lambda v: v != "premier"):  # Table 1 and the sweep first
             loaded: dict[str, Any] = {}
@@ -246,6 +268,7 @@ class Evaluator:
                 return self.score(imgs, users, base), imgs
 
             results["rows"][variant], images[variant] = self.cached(variant, table_row)
+            pairs[variant] = self._pairs(images[variant], styles)
             self.log(f"eval: {variant} {results['rows'][variant]}")
             results["pending"].remove(variant)
             update()
@@ -261,7 +284,8 @@ class Evaluator:
                             imgs = self.generate(premier, ckpt, toks, sweep_users)
                             return self.score(imgs, sweep_users, base[:n]), imgs
 
-                        row, _ = self.cached(f"sweep-{mode}-{k}-users{cfg.sweep_users}", sweep_row)
+                        row, imgs = self.cached(f"sweep-{mode}-{k}-users{cfg.sweep_users}", sweep_row)
+                        pairs[f"sweep-{mode}-{k}"] = self._pairs(imgs, styles[:n])
                         results["sweep"].setdefault(mode, {})[str(k)] = row
                         self.log(f"eval: sweep {mode} k={k} {row}")
                         update()
@@ -311,10 +335,10 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
         "| model | alignment ↑ | win rate vs base ↑ | text ↑ | distance to truth ↓ |",
         "|---|---|---|---|---|",
     ]
-    names = {"ground_truth": "ground-truth renders (ceiling)", "base": "base model, no user", **LABELS}
+    names = {"ground_truth": "ground-truth renders (ceiling)", "base": "base model, no user", "start": START_LABEL, **LABELS}
     for key, row in rows.items():
         lines.append(f"| {names.get(key, key)} | {fmt(row, 'alignment')} | {fmt(row, 'win_rate')} | {fmt(row, 'text')} | {fmt(row, 'distance')} |")
-    lines += ["", *findings(rows, sweep)]
+    lines += ["", *findings(rows, sweep, results.get("pairs"))]
     if sweep:
         ks = sorted({int(k) for m in sweep.values() for k in m})
         lines += ["", "## Fig. 6: linear combination vs direct fitting, by number of history images", "",
@@ -379,26 +403,54 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
     return written
 
 
-def findings(rows: dict[str, dict[str, float]], sweep: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    """Plain-words reading of the numbers, whichever way they go (written with the table, never by hand)."""
-    out = ["Reading (differences against the base model; the win rate's chance level is 0.5):", ""]
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of a - b over the same (user, prompt, seed) pairs and the half-width of its 95 % interval
+    (normal approximation): one seed per setting, so this is the noise a difference must beat."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
+    return float(d.mean()), float(half)
+
+
+def _versus(a: list[float], b: list[float]) -> str:
+    d, half = paired_difference(a, b)
+    verdict = "within noise" if abs(d) <= half else ("higher" if d > 0 else "lower")
+    return f"{d:+.3f} ± {half:.3f} ({verdict})"
+
+
+def findings(rows: dict[str, dict[str, float]], sweep: dict[str, dict[str, dict[str, float]]],
+             pairs: dict[str, list[float]] | None = None) -> list[str]:  # fmt: skip
+    """Plain-words reading of the numbers, whichever way they go (written with the table, never by hand).
+
+    Alignment differences are paired over the same (user, prompt, seed) and given with a 95 %
+    interval; "within noise" means the interval includes 0."""
+    pairs = pairs or {}
+    out = ["Reading (differences against the base model; the win rate's chance level is 0.5; ± is a 95 % interval",
+           "of the paired alignment difference over the same users, prompts and seeds):", ""]  # fmt: skip
     base = rows["base"]
     for key in [k for k in LABELS if k in rows]:
         r = rows[key]
-        out.append(f"- {LABELS[key]}: alignment {r['alignment'] - base['alignment']:+.3f}, win rate {r['win_rate']:.3f}, "
+        align = _versus(pairs[key], pairs["base"]) if key in pairs and "base" in pairs else f"{r['alignment'] - base['alignment']:+.3f}"
+        out.append(f"- {LABELS[key]}: alignment {align}, win rate {r['win_rate']:.3f}, "
                    f"text {r['text'] - base['text']:+.3f}, distance {r['distance'] - base['distance']:+.3f}.")  # fmt: skip
+    if "start" in rows and "premier" in rows and {"start", "premier"} <= set(pairs):
+        out.append(f"- What fitting adds: Premier minus its starting point, alignment {_versus(pairs['premier'], pairs['start'])}.")
     if "premier" in rows:
         for key in [k for k in LABELS if k in rows and k != "premier"]:
-            d = rows[key]["alignment"] - rows["premier"]["alignment"]
-            out.append(f"- {LABELS[key]} vs full Premier: alignment {d:+.3f} "
-                       f"({'the ablation scores higher' if d > 0 else 'removing it costs alignment'}).")  # fmt: skip
+            if key in pairs and "premier" in pairs:
+                out.append(f"- {LABELS[key]} vs full Premier: alignment {_versus(pairs[key], pairs['premier'])}.")
+            else:
+                d = rows[key]["alignment"] - rows["premier"]["alignment"]
+                out.append(f"- {LABELS[key]} vs full Premier: alignment {d:+.3f}.")
     missing = [LABELS[k] for k in LABELS if k not in rows]
     if missing:
         out.append(f"- Not run in this report: {', '.join(missing)} (`premier eval --variants ...` adds them; finished rows are reused).")
     if "coefficients" in sweep and "direct" in sweep:
         for k in sorted(set(sweep["coefficients"]) & set(sweep["direct"]), key=int):
             c, d = sweep["coefficients"][k]["alignment"], sweep["direct"][k]["alignment"]
-            out.append(f"- {k} history images: {'linear combination' if c > d else 'direct fitting'} aligns better ({c:.3f} vs {d:.3f}).")
+            keys = (f"sweep-coefficients-{k}", f"sweep-direct-{k}")
+            detail = f"linear combination minus direct {_versus(pairs[keys[0]], pairs[keys[1]])}" if all(x in pairs for x in keys) \
+                else f"{'linear combination' if c > d else 'direct fitting'} aligns better"
+            out.append(f"- {k} history images: {detail} ({c:.3f} vs {d:.3f}).")
     return out
 
 
