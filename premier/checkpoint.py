@@ -103,19 +103,9 @@ class PremierModel(nn.Module):
         def unreadable(msg: str) -> CheckpointError:
             return CheckpointError(f"Premier checkpoint file {msg}")
 
-        users_state, meta = read_safetensors(folder / USERS_FILE, error=unreadable)
+        users, meta = _read_users(folder, config)
         adapters_state, _ = read_safetensors(folder / ADAPTERS_FILE, error=unreadable)
-        try:
-            user_ids = json.loads(meta.get("user_ids", "[]"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{folder / USERS_FILE} has unreadable user ids: {e}") from None
-        if "weight" not in users_state:
-            raise CheckpointError(f"{folder / USERS_FILE} has no 'weight' tensor")
-        weight = users_state["weight"]
-        try:
-            users = UserEmbeddingTable(config, user_ids, weight=weight.float() if weight.dtype == torch.float64 else weight)
-        except ValueError as e:
-            raise CheckpointError(f"{folder / USERS_FILE}: {e}") from e
+        user_ids = users.user_ids
         with torch.device("meta"):  # no throwaway random init of ~700M parameters at FLUX scale
             adapters = PremierAdapters(config)
         _load_strict(adapters, adapters_state, folder / ADAPTERS_FILE)
@@ -127,6 +117,43 @@ class PremierModel(nn.Module):
                 raise CheckpointError(f"Premier checkpoint {folder} is corrupt: content id {actual[:12]} != recorded {ckpt_id[:12]}")
             ckpt_id = actual
         return model, ckpt_id
+
+
+def load_user_basis(folder: str | Path) -> tuple[UserEmbeddingTable, str]:
+    """Only the training-user table and the checkpoint id (as recorded at save), without the adapters.
+
+    For processes that resolve users but run no model (the serving ingress). The id is the one the
+    checkpoint recorded; a checkpoint without one is loaded whole (and verified) to compute it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"Premier checkpoint folder {folder} does not exist")
+    config = PremierConfig.load(folder)
+    if not (folder / USERS_FILE).is_file():
+        raise CheckpointError(f"Premier checkpoint {folder} is missing {USERS_FILE}")
+    users, meta = _read_users(folder, config)
+    ckpt_id = meta.get("checkpoint_id", "")
+    if not ckpt_id:
+        model, ckpt_id = PremierModel.load(folder)
+        return model.users, ckpt_id
+    return users, ckpt_id
+
+
+def _read_users(folder: Path, config: PremierConfig) -> tuple[UserEmbeddingTable, dict[str, str]]:
+    """The training-user table of a checkpoint folder and the users file's metadata."""
+    users_state, meta = read_safetensors(folder / USERS_FILE, error=lambda msg: CheckpointError(f"Premier checkpoint file {msg}"))
+    try:
+        user_ids = json.loads(meta.get("user_ids", "[]"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{folder / USERS_FILE} has unreadable user ids: {e}") from None
+    if "weight" not in users_state:
+        raise CheckpointError(f"{folder / USERS_FILE} has no 'weight' tensor")
+    weight = users_state["weight"]
+    try:
+        users = UserEmbeddingTable(config, user_ids, weight=weight.float() if weight.dtype == torch.float64 else weight)
+    except ValueError as e:
+        raise CheckpointError(f"{folder / USERS_FILE}: {e}") from e
+    return users, meta
 
 
 def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
@@ -145,4 +172,4 @@ def _load_strict(module: nn.Module, state: dict[str, torch.Tensor], source: Path
     module.load_state_dict(state, assign=True)
 
 
-__all__ = ["PremierModel", "content_id", "CONFIG_NAME", "ADAPTERS_FILE", "USERS_FILE"]
+__all__ = ["PremierModel", "content_id", "load_user_basis", "CONFIG_NAME", "ADAPTERS_FILE", "USERS_FILE"]

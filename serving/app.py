@@ -13,19 +13,23 @@ from ray import serve
 from ray.serve import Application
 
 from serving.config import ServeConfig, build_config
+from serving.fitting import STORE_RESOURCE_SHARE
 
 
 def prepare_store(config: ServeConfig) -> int:
     """Create the store if needed; on the embedded model and checkpoint, seed an empty store with the demo users.
 
-    Runs once where the application is built (one writer), before any replica opens the store.
-    Returns the number of users put.
+    The ingress runs it when it starts (it is the store's one serving opener, on the store's node, and
+    one replica: one writer), before it opens the store for lookups. The checkpoint is read light
+    (its user basis and id). Returns the number of users put.
     """
+    from serving.users import load_basis
     from store.user_store import UserStore
 
     if not config.has_users:
         return 0
-    with UserStore.open(config.store, config.checkpoint, create=True) as store:
+    basis, ckpt = load_basis(config.checkpoint)
+    with UserStore(config.store, basis, ckpt, create=True) as store:
         if config.model is None and config.checkpoint is None and config.seed_demo_users and len(store) == 0:
             from premier.models.embedded import embedded_demo_records
 
@@ -54,10 +58,13 @@ def generator_options(config: ServeConfig) -> dict[str, Any]:
 def ingress_options(config: ServeConfig) -> dict[str, Any]:
     """`.options()` of the Ingress deployment: one replica that answers refusals itself (its admission
     bound counts the most generator replicas there can be)."""
+    actor: dict[str, Any] = {"num_cpus": 0}
+    if config.store_resource:  # the ingress opens the store: it must run on the store's node
+        actor["resources"] = {config.store_resource: STORE_RESOURCE_SHARE}
     return dict(
         name="Ingress",
         num_replicas=1,
-        ray_actor_options={"num_cpus": 0},
+        ray_actor_options=actor,
         max_ongoing_requests=config.admission_bound + 256,  # refusals must reach the ingress to be answered at once
         graceful_shutdown_timeout_s=max(30.0, config.request_timeout_s),
     )
@@ -67,7 +74,6 @@ def build(config: ServeConfig) -> Application:
     from serving.generator import Generator
     from serving.ingress import Ingress
 
-    prepare_store(config)
     args = config.to_args()
     generator = serve.deployment(Generator).options(**generator_options(config))
     ingress = Ingress.options(**ingress_options(config))

@@ -89,7 +89,11 @@ class ServeConfig(BaseModel):
                                      description="generation requests admitted but not yet running, per ingress; above it: 503")  # fmt: skip
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503")
     request_timeout_s: float = Field(120.0, gt=0, description="longest a generation may take before a 503")
-    store_cache_size: int = Field(1024, ge=0, description="materialised user embeddings cached per replica")
+    store_cache_size: int = Field(1024, ge=0, description="materialised user embeddings cached by the ingress (it resolves users)")
+    store_resource: Optional[str] = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+        description="Ray custom resource that only the store's node (the head) advertises, e.g. premier_store: the ingress "
+        "and fit-job drivers (the store's only openers) request a sliver of it; null: no placement constraint")
     api_key: Optional[SecretStr] = Field(None, description="if set, every route but health needs 'Authorization: Bearer <key>'")
     fitting: FitSettings = Field(default_factory=FitSettings)
 

@@ -3,14 +3,17 @@
 `POST /v1/users/{id}/fit` hands its multipart upload to `FitJobManager.submit`, which checks it,
 writes it in the dataset format `premier fit-user` reads (images + captions.jsonl, written to a
 temporary folder and renamed, so a job never sees half an upload) and submits
-`python -m serving.fit_job JOB_DIR` through the Ray Jobs API. The job fits stage 2 and puts the
-record into the store in one SQLite transaction; generator replicas read the store, so the user
-is servable without a restart.
+`python -m serving.fit_job JOB_DIR` through the Ray Jobs API. The job's driver runs where the
+store is (it asks for `store_resource`, which only the store's node, the Ray head, advertises; it
+needs no CPU or GPU of its own); it sends the images as bytes to a Ray task that fits stage 2 on
+any node (the `num_cpus`/`num_gpus`/`memory_bytes` of the settings) and returns the record's
+bytes, and the driver puts the record into the store in one SQLite transaction. The ingress
+resolves users from the store per request, so the user is servable without a restart.
 
 The manager keeps no state of its own: a job is its Ray submission id (`fit-<hex>`) plus
 metadata (user id, store), and its outcome is the Jobs API status plus the `result.json` the job
-writes into its folder. Any ingress replica can answer for any job, as long as `uploads_dir` is
-a path every node sees (one machine, or a shared volume).
+writes into its folder. `uploads_dir` must be seen by the ingress and the job driver, both on the
+store's node; the fitting task gets the images as bytes, so no other node needs it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ IMAGES_DIR = "images"  # the user folder: images + captions.jsonl
 RECORD_FILE = "record.safetensors"
 MAX_MESSAGE_CHARS = 4000
 MAX_NAME_BYTES = 200
+STORE_RESOURCE_SHARE = 0.001  # of the store's custom resource per store opener (ingress, fit driver): placement, not a limit
 
 
 class FitUnavailableError(PremierError, RuntimeError):
@@ -68,7 +72,7 @@ class FitSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    uploads_dir: Path | None = Field(None, description="where uploads and job folders live (default: STORE/fit-uploads); shared by every node")
+    uploads_dir: Path | None = Field(None, description="where uploads and job folders live (default: STORE/fit-uploads); on the store's node")
     jobs_address: str | None = Field(None, description="Ray dashboard URL for the Jobs API (default: the cluster this process runs in)")
     # upload limits
     max_images: int = Field(64, ge=1)
@@ -90,7 +94,8 @@ class FitSettings(BaseModel):
     lr: float | None = Field(None, gt=0)
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
-    # job resources (Ray's entrypoint_* options) and environment (no runtime_env downloads)
+    # resources of the fitting task (a Ray task on any node; the job's driver itself takes none) and the job's
+    # environment (no runtime_env downloads)
     num_cpus: float = Field(0, ge=0)
     num_gpus: float = Field(0, ge=0)
     memory_bytes: int | None = Field(None, ge=0)
@@ -113,8 +118,10 @@ class FitSettings(BaseModel):
 class FitJobManager:
     """Submits fit jobs and reports on them; safe to use from several threads and several processes."""
 
-    def __init__(self, settings: FitSettings, *, store_path: str, model: str | None, checkpoint: str | None):
+    def __init__(self, settings: FitSettings, *, store_path: str, model: str | None, checkpoint: str | None,
+                 store_resource: str | None = None):  # fmt: skip
         self.settings = settings
+        self.store_resource = store_resource
         self.store_path = str(Path(store_path).expanduser().resolve())
         self.model = str(Path(model).expanduser().resolve()) if model else None
         self.checkpoint = str(Path(checkpoint).expanduser().resolve()) if checkpoint else None
@@ -136,10 +143,11 @@ class FitJobManager:
             submission_id=job_id,
             metadata={"kind": JOB_KIND, "user_id": user_id, "store": self.store_path},
             runtime_env={"env_vars": self._job_env()},
-            entrypoint_num_cpus=self.settings.num_cpus,
-            entrypoint_num_gpus=self.settings.num_gpus,
-            entrypoint_memory=self.settings.memory_bytes,
+            entrypoint_num_cpus=0,  # the driver waits for the fitting task and writes the store: no CPU or GPU
+            entrypoint_num_gpus=0,
         )
+        if self.store_resource:  # the driver writes the store: it runs on the store's node (the head)
+            submit["entrypoint_resources"] = {self.store_resource: STORE_RESOURCE_SHARE}
         deadline = time.monotonic() + self.settings.submit_retry_s
         try:
             with self._jobs_api("could not submit the fit job to the Ray Jobs API") as client:
@@ -215,7 +223,9 @@ class FitJobManager:
             read_user_folder(images, user_id=user_id)  # the job reads it the same way
             spec = {"job_id": job_id, "user_id": user_id, "store": self.store_path, "model": self.model,
                     "checkpoint": self.checkpoint, "fit_args": self.settings.fit_user_args(),
-                    "keep_uploads": self.settings.keep_uploads}  # fmt: skip
+                    "keep_uploads": self.settings.keep_uploads,
+                    "task": {"num_cpus": self.settings.num_cpus, "num_gpus": self.settings.num_gpus,
+                             "memory": self.settings.memory_bytes}}  # fmt: skip
             (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
             job_dir = self.uploads_dir / job_id
             os.replace(tmp, job_dir)

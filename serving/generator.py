@@ -9,8 +9,11 @@ its own error and leaves: it never fails the batch); the rest are grouped by `Ge
 different users and prompts together. One queue rather than one per settings key: the common
 case (one setting) fills batches fastest; a mixed batch costs one forward per distinct setting.
 
-User resolution: the store (read-only handle per replica; embeddings cached in the store's LRU,
-invalidated by any writer) -> the checkpoint's own training users -> unknown user.
+Users are resolved by the ingress (on the Ray head, the only node that opens the user store; see
+serving/users.py): a request arrives with `user` = the embedding (N x U float tensor), a training-user
+id of the checkpoint, or None, or with `user_error` (the result dict of a failed lookup, answered here
+after the settings and prompt checks, in the order the checks always ran). Generators never open the
+store, so their replicas can run on any node.
 Results are plain dicts (never exceptions) so the ingress maps errors without unpickling
 exception types across processes.
 """
@@ -78,7 +81,6 @@ class Generator:
         self.pipe = PremierPipeline.load(model=c.model, checkpoint=c.checkpoint, device=c.device,
                                          dtype=getattr(torch, c.dtype) if c.dtype else None,
                                          compile=c.compile, quantize=c.quantize)  # fmt: skip
-        self.store = open_store(c, self.pipe) if self.pipe.premier is not None else None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="premier-pipeline")  # the pipeline is not re-entrant
         self._batch.set_max_batch_size(c.max_batch_size)
         self._batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
@@ -140,8 +142,6 @@ class Generator:
 
     def _run_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Validate each request (a bad one gets its error and leaves), then one forward per settings group."""
-        from store.errors import StoreError
-
         self._batches += 1
         batch_id = f"{os.getpid()}-{self._batches}"
         out: list[dict[str, Any]] = [{} for _ in items]
@@ -149,8 +149,11 @@ class Generator:
         for i, params in enumerate(items):
             try:
                 request, settings, cache = self._prepare(params)
-            except (InvalidRequestError, InvalidEmbeddingError, CheckpointError, StoreError) as e:
+            except (InvalidRequestError, InvalidEmbeddingError, CheckpointError) as e:
                 out[i] = error_for(e)
+                continue
+            except UserLookupFailed as e:
+                out[i] = dict(e.result)
                 continue
             groups.setdefault(settings, []).append((i, request, cache))
         for settings, members in groups.items():
@@ -178,49 +181,38 @@ class Generator:
         ).validate(self.pipe.profile)
         seed = params.get("seed")
         request = GenerationRequest(params.get("prompt"), None, 0 if seed is None else seed).validate_basic()
-        request.user, cache = self._resolve_user(params.get("user_id"))
+        request.user, cache = self._user(params)
         self.pipe.validate([request], settings)  # token count, embedding shape
         return request, settings, cache
 
-    def _resolve_user(self, user_id: str | None):
-        """(embedding or checkpoint user id or None, cache outcome): store record, else the checkpoint's training user."""
-        from premier.users import validate_user_id
+    def _user(self, params: dict[str, Any]):
+        """(embedding or checkpoint user id or None, cache outcome) as the ingress resolved it."""
+        import torch
 
-        if user_id is None or user_id == "":
+        failed = params.get("user_error")
+        if failed is not None:
+            raise UserLookupFailed(failed)
+        user = params.get("user")
+        if user is None:
             return None, "none"
-        if not isinstance(user_id, str):
-            raise InvalidRequestError("user_id", f"must be a string, got {type(user_id).__name__}")
-        validate_user_id(user_id)
-        if self.store is not None:
-            try:
-                emb, cached = self.store.materialise_cached(user_id)
-                return emb, ("hit" if cached else "miss")
-            except UnknownUserError:
-                pass
-        if user_id in self.pipe.user_ids:
-            return user_id, "checkpoint"
-        raise UnknownUserError(user_id)
+        if isinstance(user, str):
+            if user not in self.pipe.user_ids:  # the ingress and this replica serve different checkpoints
+                raise UnknownUserError(user)
+            return user, "checkpoint"
+        if not isinstance(user, torch.Tensor):
+            raise InvalidEmbeddingError(f"user embedding must be a tensor, got {type(user).__name__}")
+        return user, params.get("user_cache") or "miss"
 
     def check_health(self) -> None:
-        """Ray Serve calls this periodically; a broken store makes the replica unhealthy and replaced."""
-        if self.store is not None:
-            self.store.db.current_seq()
-
-    def __del__(self) -> None:
-        store = getattr(self, "store", None)
-        if store is not None:
-            try:
-                store.close()
-            except Exception:  # noqa: BLE001 - best effort at teardown
-                pass
+        """Ray Serve calls this periodically (the store's health is the ingress's: it alone opens it)."""
 
 
-def open_store(config: ServeConfig, pipe: Any, create: bool = False):
-    """A handle on the user store bound to the served checkpoint (its basis comes from the loaded pipeline)."""
-    from store.user_store import UserStore
+class UserLookupFailed(Exception):
+    """The ingress could not resolve the request's user; `result` is the error result it made."""
 
-    return UserStore(config.store, pipe.premier.users, pipe.checkpoint_id, cache_size=config.store_cache_size,
-                     create=create, snapshot_on_close=False)  # fmt: skip
+    def __init__(self, result: dict[str, Any]):
+        super().__init__(result.get("error"))
+        self.result = result
 
 
-__all__ = ["Generator", "open_store", "error_for", "error_result"]
+__all__ = ["Generator", "UserLookupFailed", "error_for", "error_result"]

@@ -3,9 +3,12 @@
 It validates and authenticates, admits at most a bounded number of generation requests (above
 the bound it answers 503 with Retry-After at once, never letting a request time out in a queue),
 forwards each image request to the Generator deployment (which batches across users) and records
-metrics. It holds no model: model facts come from a generator (`info`), users from its own
-store handle (reads, and DELETE), fit jobs from a stateless FitJobManager (state lives in the Ray
-Jobs API and the store), so several ingress replicas agree.
+metrics. It holds no model: model facts come from a generator (`info`). It is the one serving
+process that opens the user store (serving/users.py; it runs on the Ray head, the store's node):
+it resolves each request's user to an embedding (or a training-user id) that it sends with the
+request, so generators never touch the store and run on any node. It also serves user reads and
+DELETE; fit jobs come from a stateless FitJobManager (state lives in the Ray Jobs API and the
+store), so a restarted ingress still knows them.
 
 No `from __future__ import annotations` here: Ray Serve's class-based FastAPI views need the
 route annotations (request bodies, `Request`) as real types.
@@ -122,7 +125,11 @@ class Ingress:
         self.admitted = 0
         self.bound = self.config.admission_bound
         self.metrics = ServeMetrics(fit_counts=self._fit_counts)
-        self._store = None
+        from serving.app import prepare_store
+        from serving.users import UserDirectory
+
+        prepare_store(self.config)  # here, not where the app is built: only the store's node opens it
+        self.users = UserDirectory(self.config)
         self._fit: Any = None
         self._fit_error: str | None = None
         self._info: dict[str, Any] | None = None
@@ -154,6 +161,8 @@ class Ingress:
         self.admitted += 1
         self.metrics.queue_depth.set(self.admitted)
         try:
+            user_id = params.get("user_id")
+            params.update(await asyncio.to_thread(self._resolve_user, user_id) if user_id else self._resolve_user(user_id))
             result = await asyncio.wait_for(self.generator.generate.remote(params), self.config.request_timeout_s)
         except BackPressureError:
             result = self.busy("server busy: the generators' queues are full; retry later")
@@ -167,7 +176,20 @@ class Ingress:
             self.metrics.queue_depth.set(self.admitted)
         if not result.get("ok"):
             self.metrics.refused(protocol, result["status"])
+        elif "user_cache" in params:
+            result["user_cache"] = params["user_cache"]  # the lookup happened here
         return result
+
+    def _resolve_user(self, user_id: Any) -> dict[str, Any]:
+        """What the generator gets about the user: `user` and `user_cache`, or `user_error` (answered by the
+        generator after its settings and prompt checks, so a request's first error is the same as ever)."""
+        from store.errors import StoreError
+
+        try:
+            user, cache = self.users.resolve(user_id)
+        except (InvalidRequestError, InvalidEmbeddingError, CheckpointError, StoreError) as e:
+            return {"user": None, "user_error": error_for(e)}
+        return {"user": user, "user_cache": cache}
 
     def finish(self, result: dict[str, Any], protocol: str, started: float) -> dict[str, float]:
         """Final timings (end to end including encoding, server overhead) and the metrics of a success."""
@@ -186,21 +208,19 @@ class Ingress:
         return _error(result["status"], result["error"], result.get("field"), headers)
 
     def store(self):
-        if not self.config.has_users:
-            raise InvalidRequestError("user_id", "this server runs plain FLUX without a Premier checkpoint: it has no users")
-        if self._store is None:
-            from store.user_store import UserStore
+        return self.users.store()
 
-            self._store = UserStore.open(self.config.store, self.config.checkpoint, cache_size=0, create=False,
-                                         snapshot_on_close=False)  # fmt: skip
-        return self._store
+    def check_health(self) -> None:
+        """Ray Serve calls this periodically: a store that stopped answering is reopened on next use."""
+        self.users.check()
 
     def fit_manager(self):
         """The fit-job manager, or None (the reason in `_fit_error`) where fitting is not available; retried per call."""
         if self._fit is None:
             try:
                 c = self.config
-                self._fit = FitJobManager(c.fitting, store_path=c.store, model=c.model, checkpoint=c.checkpoint)
+                self._fit = FitJobManager(c.fitting, store_path=c.store, model=c.model, checkpoint=c.checkpoint,
+                                          store_resource=c.store_resource)  # fmt: skip
             except Exception as e:  # noqa: BLE001 - reported as 503 on the fit routes
                 self._fit_error = f"fitting is not available: {e}"
         return self._fit

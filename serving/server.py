@@ -15,6 +15,8 @@ import time
 
 from serving.config import APP_NAME, GRPC_SERVICER, ServeConfig, ServerOptions
 
+STORE_RESOURCE = "premier_store"  # the custom resource of the store's node (deploy/k8s: the head group declares it)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -82,7 +84,9 @@ class ServerSession:
         if not ray.is_initialized():
             kwargs: dict = {"address": self.address or "local", "log_to_driver": False}
             if self.address is None:
-                kwargs.update(num_cpus=self.num_cpus, include_dashboard=self.dashboard)
+                # A cluster of one node: it is the store's node, so it advertises the store resource (a config's
+                # `store_resource: premier_store` places the ingress and fit drivers on it, as on a KubeRay head).
+                kwargs.update(num_cpus=self.num_cpus, include_dashboard=self.dashboard, resources={STORE_RESOURCE: 1})
                 if self.dashboard:
                     kwargs.update(dashboard_host="127.0.0.1", dashboard_port=self.dashboard_port)
             ray.init(**kwargs)
@@ -150,4 +154,4 @@ def _drain_and_shutdown_serve() -> None:
         serve.shutdown()
 
 
-__all__ = ["ServerSession", "free_port"]
+__all__ = ["ServerSession", "free_port", "STORE_RESOURCE"]

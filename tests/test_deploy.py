@@ -31,7 +31,8 @@ OVERLAYS = ("cpu", "gpu")
 CRD_FILES = {"RayService": "ray.io_rayservices.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 CORE_KINDS = {"Namespace", "PersistentVolumeClaim", "ConfigMap", "Service", "CronJob"}
 STORE_PVC, ARTIFACTS_PVC = "premier-store", "premier-artifacts"
-STORE_LABEL = ("app.kubernetes.io/part-of", "premier-serve")
+STORE_SELECTOR = {"app.kubernetes.io/part-of": "premier-serve", "app.kubernetes.io/component": "ray-head"}  # the store's pod
+STORE_RESOURCE = "premier_store"  # the Ray custom resource only the head advertises
 
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -416,8 +417,11 @@ def test_volumes_hold_the_configured_paths(name: str) -> None:
     config, _ = effective_config(objs)
     for where, t in pod_templates(one(objs, "RayService")):
         store_mounts, artifact_mounts = mounts_of(t, STORE_PVC), mounts_of(t, ARTIFACTS_PVC)
-        assert store_mounts and all(under(config.store, m) for m in store_mounts), where
-        assert any(under(str(config.fitting.uploads_dir), m) for m in store_mounts + artifact_mounts)
+        if where == "head":  # the store's openers (ingress, fit-job drivers) and the fit uploads live here
+            assert store_mounts and all(under(config.store, m) for m in store_mounts), where
+            assert any(under(str(config.fitting.uploads_dir), m) for m in store_mounts + artifact_mounts)
+        else:
+            assert not store_mounts, where  # generators get users' embeddings from the ingress
         for path in (config.model, config.checkpoint):
             if path is not None:
                 assert artifact_mounts and under(path, artifact_mounts[0]), (where, path)
@@ -465,18 +469,35 @@ def test_backup_cronjob_runs_the_cli(name: str) -> None:
 
 @needs_kubectl
 @pytest.mark.parametrize("name", OVERLAYS)
-def test_every_store_user_runs_on_one_node(name: str) -> None:
-    """SQLite WAL needs one host: the store volume is ReadWriteOnce and every pod that mounts it is affine to the serving pods."""
+def test_only_the_head_and_the_backup_open_the_store(name: str) -> None:
+    """SQLite WAL needs one host: the store volume is ReadWriteOnce, mounted only by the Ray head and the backup
+    CronJob (affine to the head); generator workers neither mount it nor are tied to the head's node. The head
+    alone advertises the custom resource that places the store's openers (ingress, fit-job drivers) on it."""
+    from serving.app import ingress_options
+
     objs = rendered(name)
     assert one(objs, "PersistentVolumeClaim", STORE_PVC)["spec"]["accessModes"] == ["ReadWriteOnce"]
     users = [(o["kind"], w, t) for o in objs for w, t in pod_templates(o) if mounts_of(t, STORE_PVC)]
-    assert len(users) == 3  # head, generators, backup
+    assert sorted((kind, where) for kind, where, _ in users) == [("CronJob", "job"), ("RayService", "head")]
     for kind, where, t in users:
         terms = t["spec"]["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
         assert any(term["topologyKey"] == "kubernetes.io/hostname"
-                   and term["labelSelector"]["matchLabels"] == dict([STORE_LABEL]) for term in terms), (kind, where)  # fmt: skip
-        if kind == "RayService":
-            assert t["metadata"]["labels"][STORE_LABEL[0]] == STORE_LABEL[1]
+                   and term["labelSelector"]["matchLabels"] == STORE_SELECTOR for term in terms), (kind, where)  # fmt: skip
+    svc = one(objs, "RayService")
+    cluster = svc["spec"]["rayClusterConfig"]
+    head = cluster["headGroupSpec"]
+    assert {k: head["template"]["metadata"]["labels"][k] for k in STORE_SELECTOR} == STORE_SELECTOR
+    # Only the head's pods match the selector (so the backup cannot follow a worker), in every object.
+    matching = [(o["kind"], w) for o in objs for w, t in pod_templates(o)
+                if STORE_SELECTOR.items() <= t["metadata"].get("labels", {}).items()]  # fmt: skip
+    assert matching == [("RayService", "head")]
+    assert json.loads(yaml.safe_load(head["rayStartParams"]["resources"])) == {STORE_RESOURCE: 1}
+    for g in cluster["workerGroupSpecs"]:
+        assert STORE_RESOURCE not in g["rayStartParams"].get("resources", ""), g["groupName"]
+        assert "podAffinity" not in g["template"]["spec"].get("affinity", {}), g["groupName"]
+    config, _ = effective_config(objs)
+    assert config.store_resource == STORE_RESOURCE
+    assert ingress_options(config)["ray_actor_options"]["resources"] == {STORE_RESOURCE: pytest.approx(0.001)}
 
 
 @needs_kubectl

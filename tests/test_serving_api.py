@@ -143,6 +143,30 @@ def test_store_users_are_servable_without_restart_then_deleted(server, auth):
     assert requests.get(url + "/v1/users/zed", headers=auth, timeout=10).status_code == 404
 
 
+def test_generators_get_users_resolved_by_the_ingress(server, auth):
+    """Generators never open the store (they may run on any node): the ingress sends the store user's embedding,
+    and the same embedding sent straight to a generator gives the same image."""
+    from ray import serve
+
+    from store.user_store import UserStore
+
+    put_user(server, "yan", seed=11)
+    via_ingress = image_of(generate(server, auth, prompt="a cat", user_id="yan", seed=2, format="json"))
+    with UserStore.open(server.config.store, None, create=False, snapshot_on_close=False) as store:
+        emb = store.materialise("yan")
+    generator = serve.get_deployment_handle("Generator", app_name="premier")
+    base = {"prompt": "a cat", "seed": 2, "steps": None, "height": None, "width": None, "guidance": None}
+    direct = generator.generate.remote({**base, "user": emb}).result(timeout_s=120)
+    assert direct["ok"] and np.array_equal(direct["image"], via_ingress)
+    # A lookup error travels with the request and is answered after the generator's own checks.
+    lost = {"ok": False, "status": 404, "error": "unknown user 'ghost'", "field": "user_id"}
+    assert generator.generate.remote({**base, "user_error": lost}).result(timeout_s=120) == lost
+    assert generator.generate.remote({**base, "prompt": "", "user_error": lost}).result(timeout_s=120)["status"] == 400
+    assert generator.generate.remote({**base, "user": "not-a-training-user"}).result(timeout_s=120)["status"] == 404
+    bad = generator.generate.remote({**base, "user": torch.zeros(2, 2)}).result(timeout_s=120)
+    assert bad["status"] == 400 and bad["field"] == "user"
+
+
 BAD_GENERATE = [
     ({"user_id": "alice"}, 422, "prompt"),
     ({"prompt": ""}, 400, "prompt"),

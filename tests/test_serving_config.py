@@ -113,6 +113,47 @@ def test_fixed_replicas_build_the_old_deployment_options():
     assert "generator_autoscaling" in config.to_args() and config.to_args()["generator_autoscaling"] is None
 
 
+def test_store_resource_places_the_store_openers(tmp_path):
+    """Only the ingress (user lookups) asks for the store's node; generators go anywhere; fit drivers ask too."""
+    from serving.app import generator_options, ingress_options
+    from serving.fitting import FitJobManager, FitSettings
+
+    assert "resources" not in ingress_options(build_config({}, environ={}))["ray_actor_options"]  # default: anywhere
+    config = build_config({}, environ={"PREMIER_SERVE_STORE_RESOURCE": "premier_store"})
+    assert config.store_resource == "premier_store"
+    assert ingress_options(config)["ray_actor_options"]["resources"] == {"premier_store": 0.001}
+    assert "resources" not in generator_options(config)["ray_actor_options"]
+    with pytest.raises(InvalidRequestError, match="store_resource"):
+        build_config({"store_resource": "no spaces"}, environ={})
+    submitted = {}
+
+    class Client:
+        def submit_job(self, **kwargs):
+            submitted.update(kwargs)
+
+    manager = FitJobManager(FitSettings(num_gpus=1, num_cpus=4), store_path=str(tmp_path / "store"), model=None,
+                            checkpoint=None, store_resource="premier_store")  # fmt: skip
+    manager._client = Client()
+    manager._write_upload = lambda job_id, *a: tmp_path / job_id  # no upload written
+    manager._check_upload = lambda *a: None
+    manager.submit("alice", [("a.png", b"x")], ["a cat"])
+    assert submitted["entrypoint_resources"] == {"premier_store": 0.001}  # the driver: on the store's node
+    assert submitted["entrypoint_num_gpus"] == 0 and submitted["entrypoint_num_cpus"] == 0  # its task takes the GPU
+
+
+def test_light_checkpoint_loader_reads_the_basis_only(tmp_path):
+    from premier.checkpoint import PremierModel, load_user_basis
+    from premier.models.embedded import build_embedded_premier
+
+    model = build_embedded_premier()
+    ckpt = model.save(tmp_path / "ckpt")
+    users, light_id = load_user_basis(tmp_path / "ckpt")
+    assert light_id == ckpt == PremierModel.load(tmp_path / "ckpt")[1]
+    assert users.user_ids == model.users.user_ids and np.array_equal(users.weight.detach(), model.users.weight.detach())
+    (tmp_path / "ckpt" / "adapters.safetensors").unlink()  # never read
+    assert load_user_basis(tmp_path / "ckpt")[1] == ckpt
+
+
 def test_autoscaling_builds_ray_serve_autoscaling_and_sizes_admission():
     from ray.serve.config import AutoscalingConfig
 

@@ -23,6 +23,7 @@ from serving_harness import free_port, serve_app
 from training_data import user_images
 
 FIT = dict(steps=30, eval_every=10)
+STORE_RESOURCE = "premier_store"  # what the local Ray of serving.server declares, as a KubeRay head does
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 
@@ -32,7 +33,8 @@ def server():
 
     The manager tests use the same cluster, each with its own store folder.
     """
-    with _dashboard_agent_port(free_port()), serve_app({"fitting": FIT}, include_dashboard=True) as running:
+    app = {"fitting": FIT, "store_resource": STORE_RESOURCE}  # the ingress and the job drivers on the store's node
+    with _dashboard_agent_port(free_port()), serve_app(app, include_dashboard=True) as running:
         _wait_for_job_agent(running.dashboard_url)
         yield running
 
@@ -96,10 +98,11 @@ def wait(manager: FitJobManager, job_id: str, timeout: float = 120.0, until=TERM
 
 @pytest.fixture()
 def manager(cluster, tmp_path):
-    return FitJobManager(FitSettings(**FIT), store_path=str(tmp_path / "store"), model=None, checkpoint=None)
+    return FitJobManager(FitSettings(**FIT), store_path=str(tmp_path / "store"), model=None, checkpoint=None,
+                         store_resource=STORE_RESOURCE)  # fmt: skip
 
 
-def test_fit_job_stores_a_servable_user(manager, tmp_path):
+def test_fit_job_stores_a_servable_user(cluster, manager, tmp_path):
     job_id = manager.submit("alice", png_upload(4), ["a cat", "a house", "a tree", "a cat"])
     assert job_id.startswith("fit-")
     status = wait(manager, job_id)
@@ -117,6 +120,13 @@ def test_fit_job_stores_a_servable_user(manager, tmp_path):
     assert manager.counts()["SUCCEEDED"] == 1 and manager.counts()["FAILED"] == 0
     job_dir = tmp_path / "store" / "fit-uploads" / job_id
     assert (job_dir / "result.json").is_file() and not (job_dir / "images").exists()  # uploads are not kept by default
+    # The fitting ran as a Ray task of the job (the driver only wrote the store).
+    from ray.job_submission import JobSubmissionClient
+    from ray.util.state import list_tasks
+
+    info = JobSubmissionClient(cluster.dashboard_url).get_job_info(job_id)
+    tasks = list_tasks(address=cluster.dashboard_url, filters=[("func_or_class_name", "=", "fit_user")], detail=True)
+    assert any(t.job_id == info.job_id and t.state == "FINISHED" for t in tasks), tasks
     # Another manager (another ingress replica) sees the same job: the state is in Ray and the files.
     other = FitJobManager(FitSettings(**FIT), store_path=str(tmp_path / "store"), model=None, checkpoint=None)
     assert other.status(job_id)["status"] == "SUCCEEDED"
@@ -178,6 +188,19 @@ def test_failed_job_says_why_and_writes_no_user(cluster, tmp_path):
     assert manager.counts()["FAILED"] == 1
     with UserStore.open(tmp_path / "store") as store:  # (the embedded checkpoint: the store is readable)
         assert "mallory" not in store and len(store) == 0
+
+
+def test_job_driver_waits_for_the_store_node(cluster, tmp_path):
+    """The driver (the store's writer) asks for the store's custom resource: where no node advertises it, the job
+    is not started (on a KubeRay cluster only the head does, so the driver lands there)."""
+    manager = FitJobManager(FitSettings(**FIT), store_path=str(tmp_path / "store"), model=None, checkpoint=None,
+                            store_resource="premier_store_elsewhere")  # fmt: skip
+    job_id = manager.submit("nomad", png_upload(1), ["a cat"])
+    time.sleep(3.0)
+    assert manager.status(job_id)["status"] == "PENDING"
+    manager.stop(job_id)  # (Ray keeps a never-scheduled job PENDING until the cluster goes)
+    with UserStore.open(tmp_path / "store") as store:
+        assert "nomad" not in store
 
 
 def test_stopped_job_writes_no_user(cluster, tmp_path):
