@@ -62,13 +62,25 @@ def models(name: str) -> dict[str, Any]:
 
         flux = build_embedded_flux().transformer
         c = flux.config
-        return dict(flux=flux, config=embedded_premier_config(), latent=(c.in_channels // 4, 16, 16), text_len=64,
-                    pooled=c.pooled_projection_dim, image_px=128)  # fmt: skip
+        return dict(
+            flux=flux,
+            config=embedded_premier_config(),
+            latent=(c.in_channels // 4, 16, 16),
+            text_len=64,
+            pooled=c.pooled_projection_dim,
+            image_px=128,
+        )
     size = MID if name == "mid" else QUICK
     flux, _, _, config = build(size)
     grid = size["image_grid"]
-    return dict(flux=flux, config=config, latent=(16, 2 * grid, 2 * grid), text_len=256 if name == "mid" else 8,
-                pooled=768, image_px=16 * grid)  # fmt: skip
+    return dict(
+        flux=flux,
+        config=config,
+        latent=(16, 2 * grid, 2 * grid),
+        text_len=256 if name == "mid" else 8,
+        pooled=768,
+        image_px=16 * grid,
+    )
 
 
 def samples(m: dict[str, Any], n: int, seed: int = 0) -> Batch:
@@ -90,8 +102,9 @@ def premier_model(cfg: PremierConfig, k: int) -> PremierModel:
 FIT_REPEATS = 3  # fits for the main measurements (median reported; the machines are noisy); sweeps fit once
 
 
-def fit_seconds_per_step(m: dict[str, Any], premier: PremierModel, data: Batch, steps: int, fits: int = 1,
-                         **cfg: Any) -> dict[str, float]:  # fmt: skip
+def fit_seconds_per_step(
+    m: dict[str, Any], premier: PremierModel, data: Batch, steps: int, fits: int = 1, **cfg: Any
+) -> dict[str, float]:
     config = Stage2Config(steps=steps, batch_size=2, optim=OptimConfig("prodigy", lr=1.0, weight_decay=0.0), **cfg)
     per_step, peaks, above = [], [], []
     for _ in range(fits):
@@ -103,9 +116,16 @@ def fit_seconds_per_step(m: dict[str, Any], premier: PremierModel, data: Batch, 
         peaks.append(peak or 0.0)
         above.append((peak - before) if (peak and before and not torch.cuda.is_available()) else 0.0)
     s = statistics.median(per_step)
-    return {"steps": result.record.fit["steps"], "s_per_step": s, "s_per_step_min": min(per_step),
-            "s_per_step_max": max(per_step), "steps_per_s": 1 / s, "fits": fits,
-            "peak_mem_mib": max(peaks), "peak_above_start_mib": max(above)}  # fmt: skip
+    return {
+        "steps": result.record.fit["steps"],
+        "s_per_step": s,
+        "s_per_step_min": min(per_step),
+        "s_per_step_max": max(per_step),
+        "steps_per_s": 1 / s,
+        "fits": fits,
+        "peak_mem_mib": max(peaks),
+        "peak_above_start_mib": max(above),
+    }
 
 
 def run_config(name: str, steps: int, repeats: int, image_counts: list[int], basis_sizes: list[int]) -> dict[str, Any]:
@@ -121,10 +141,15 @@ def run_config(name: str, steps: int, repeats: int, image_counts: list[int], bas
 
     b = data.latents[:2]
     c, h, w = m["latent"]
-    fwd = dict(hidden_states=FluxPipeline._pack_latents(b, 2, c, h, w),
-               encoder_hidden_states=data.text[:2], pooled_projections=data.pooled[:2],
-               timestep=torch.full((2,), 0.5), img_ids=FluxPipeline._prepare_latent_image_ids(2, h // 2, w // 2, "cpu", torch.float32),
-               txt_ids=torch.zeros(m["text_len"], 3), guidance=torch.full((2,), 1.0) if flux.config.guidance_embeds else None)  # fmt: skip
+    fwd = dict(
+        hidden_states=FluxPipeline._pack_latents(b, 2, c, h, w),
+        encoder_hidden_states=data.text[:2],
+        pooled_projections=data.pooled[:2],
+        timestep=torch.full((2,), 0.5),
+        img_ids=FluxPipeline._prepare_latent_image_ids(2, h // 2, w // 2, "cpu", torch.float32),
+        txt_ids=torch.zeros(m["text_len"], 3),
+        guidance=torch.full((2,), 1.0) if flux.config.guidance_embeds else None,
+    )
     with torch.inference_mode():
         plain = time_fn(lambda: flux(**fwd, return_dict=False), repeats=repeats)
 
@@ -134,7 +159,10 @@ def run_config(name: str, steps: int, repeats: int, image_counts: list[int], bas
         dict(images=n, **fit_seconds_per_step(m, premier, samples(m, n), steps, eval_every=10, holdout_min_images=4))
         for n in image_counts
     ]
-    by_basis = [dict(basis_users=k, **fit_seconds_per_step(m, premier_model(cfg, k), data, steps, **no_holdout)) for k in basis_sizes]
+    by_basis = [
+        dict(basis_users=k, **fit_seconds_per_step(m, premier_model(cfg, k), data, steps, **no_holdout))
+        for k in basis_sizes
+    ]
     row = {
         "config": name,
         "image_px": m["image_px"],
@@ -148,8 +176,10 @@ def run_config(name: str, steps: int, repeats: int, image_counts: list[int], bas
         "by_images": by_images,
         "by_basis_users": by_basis,
     }
-    print(f"{name}: {fit_speed['steps_per_s']:.2f} steps/s (x{row['step_over_plain_forward']:.2f} a plain forward), "
-          f"direct {direct['steps_per_s']:.2f} steps/s, peak +{fit_speed['peak_above_start_mib'] or 0:.0f} MiB")  # fmt: skip
+    print(
+        f"{name}: {fit_speed['steps_per_s']:.2f} steps/s (x{row['step_over_plain_forward']:.2f} a plain forward), "
+        f"direct {direct['steps_per_s']:.2f} steps/s, peak +{fit_speed['peak_above_start_mib'] or 0:.0f} MiB"
+    )
     for r in by_images:
         print(f"  images {r['images']:>4}: {r['s_per_step'] * 1000:.1f} ms/step")
     for r in by_basis:
@@ -171,9 +201,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         FIT_REPEATS = 1
         rows = [run_config("quick", 4, 1, [1, 4], [4, 16])]
     else:
-        rows = [run_config(n, args.steps, args.repeats, [1, 4, 16, 64], [4, 64, 256, 1000]) for n in args.configs.split(",")]
-    payload = {"config": {"quick": args.quick, "steps": 4 if args.quick else args.steps, "batch_size": 2,
-                          "optimizer": "prodigy"}, "results": rows}  # fmt: skip
+        rows = [
+            run_config(n, args.steps, args.repeats, [1, 4, 16, 64], [4, 64, 256, 1000]) for n in args.configs.split(",")
+        ]
+    payload = {
+        "config": {
+            "quick": args.quick,
+            "steps": 4 if args.quick else args.steps,
+            "batch_size": 2,
+            "optimizer": "prodigy",
+        },
+        "results": rows,
+    }
     path = write_result("fit_speed" + ("_quick" if args.quick else ""), payload, args.out)
     print(f"wrote {path}")
     return payload

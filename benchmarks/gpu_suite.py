@@ -20,6 +20,9 @@ whatever does not fit is listed under "skipped" instead of blowing the budget. R
 benchmarks/results/<card>/gpu_suite.json. `--tiny` runs the same code on a CPU in seconds with a
 tiny model (fp32, compile backend "eager": dynamo only, 3 steps): the suite's own test.
 Run: `python benchmarks/gpu_suite.py` on the GPU machine, then commit the JSON.
+
+One module on purpose: the run order in `run`, the time budget and the `Suite` measurements it schedules
+are one plan that is read (and tuned) top to bottom, and the model builder and timers serve nothing else.
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -53,16 +57,42 @@ from premier.transformer import PremierTransformer  # noqa: E402
 FULL = dict(
     flux=dict(guidance_embeds=True),  # diffusers' defaults are FLUX.1-dev's sizes
     premier={},  # the reference release: 19 double blocks, 30 x 1024 users, adapter width 3072
-    resolutions=[1024, 512], batches=[1, 4, 8], text_len=512, steps=28, repeats=3, budget_s=420.0,
-    compile_backend="inductor", quantize="float8", compile_estimate_s=60.0, float8_reserve_s=120.0, extra_buckets=True,
-)  # fmt: skip
+    resolutions=[1024, 512],
+    batches=[1, 4, 8],
+    text_len=512,
+    steps=28,
+    repeats=3,
+    budget_s=420.0,
+    compile_backend="inductor",
+    quantize="float8",
+    compile_estimate_s=60.0,
+    float8_reserve_s=120.0,
+    extra_buckets=True,
+)
 TINY = dict(
-    flux=dict(num_layers=2, num_single_layers=1, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
-              pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)),
+    flux=dict(
+        num_layers=2,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ),
     premier=dict(num_user_tokens=4, user_dim=16, adapter_width=32, adapter_heads=2),
-    resolutions=[48, 32], batches=[1, 4, 8], text_len=8, steps=3, repeats=1, budget_s=50.0,
-    compile_backend="eager", quantize="float8", compile_estimate_s=1.0, float8_reserve_s=1.0, extra_buckets=False,
-)  # fmt: skip
+    resolutions=[48, 32],
+    batches=[1, 4, 8],
+    text_len=8,
+    steps=3,
+    repeats=1,
+    budget_s=50.0,
+    compile_backend="eager",
+    quantize="float8",
+    compile_estimate_s=1.0,
+    float8_reserve_s=1.0,
+    extra_buckets=False,
+)
 TARGETS = {
     "premier_compiled_over_plain_compiled_max": 1.03,  # step, batch 1, 1024x1024
     "batch8_over_batch1_images_per_s_min": 2.5,  # premier, 8 different users, 512x512
@@ -89,7 +119,9 @@ class Suite:
     def fits(self, what: str, estimate_s: float, reserve_s: float = 0.0) -> bool:
         """Whether `what` fits in the budget, keeping `reserve_s` for later, higher-priority work."""
         if self.elapsed() + estimate_s + reserve_s > self.budget_s:
-            self.skipped.append(f"{what} (estimated {estimate_s:.0f} s; {self.elapsed():.0f} s of {self.budget_s:.0f} s used)")
+            self.skipped.append(
+                f"{what} (estimated {estimate_s:.0f} s; {self.elapsed():.0f} s of {self.budget_s:.0f} s used)"
+            )
             print(f"skip {what}: over the time budget")
             return False
         return True
@@ -136,8 +168,10 @@ class Suite:
         self.sync()
         self.build_s = time.perf_counter() - t0
         self.weights_gb = weight_bytes(flux) / 2**30
-        print(f"built FLUX-sized transformer ({sum(p.numel() for p in flux.parameters()) / 1e9:.2f} B params, "
-              f"{self.weights_gb:.1f} GiB) and adapters in {self.build_s:.1f} s")  # fmt: skip
+        print(
+            f"built FLUX-sized transformer ({sum(p.numel() for p in flux.parameters()) / 1e9:.2f} B params, "
+            f"{self.weights_gb:.1f} GiB) and adapters in {self.build_s:.1f} s"
+        )
 
     def inputs(self, res: int, batch: int) -> dict[str, Any]:
         """Random step inputs for `batch` samples at res x res, each with its own user's deltas."""
@@ -162,11 +196,20 @@ class Suite:
             users=users,
         )
 
-    def forward_fn(self, variant: str, x: dict[str, Any]) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
-        common = dict(encoder_hidden_states=x["text"], pooled_projections=x["pooled"], img_ids=x["img_ids"],
-                      txt_ids=x["txt_ids"], guidance=x["guidance"])  # fmt: skip
+    def forward_fn(
+        self, variant: str, x: dict[str, Any]
+    ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        common = dict(
+            encoder_hidden_states=x["text"],
+            pooled_projections=x["pooled"],
+            img_ids=x["img_ids"],
+            txt_ids=x["txt_ids"],
+            guidance=x["guidance"],
+        )
         if variant.startswith("plain"):
-            return lambda latents, t, deltas: self.flux(hidden_states=latents, timestep=t, **common, return_dict=False)[0]
+            return lambda latents, t, deltas: self.flux(hidden_states=latents, timestep=t, **common, return_dict=False)[
+                0
+            ]
         return lambda latents, t, deltas: self.premier(hidden_states=latents, timestep=t, text_deltas=deltas, **common)
 
     def deltas(self, variant: str, x: dict[str, Any]) -> torch.Tensor | None:
@@ -198,15 +241,27 @@ class Suite:
             times = [self.timed(lambda: fn(x["latents"], t, deltas)) for _ in range(self.spec["repeats"])]
         step_s = sorted(times)[len(times) // 2]
         self.step_s[key] = step_s
-        row = {"kind": "step", "variant": variant, "resolution": res, "batch": batch, "step_s": step_s, "min_s": min(times),
-               "images_per_s_per_step": batch / step_s, "first_call_s": first, "new_graphs": new_graphs,
-               "compile_s": max(first - step_s, 0.0) if new_graphs else 0.0, "peak_gpu_memory_gb": self.peak_gb()}  # fmt: skip
+        row = {
+            "kind": "step",
+            "variant": variant,
+            "resolution": res,
+            "batch": batch,
+            "step_s": step_s,
+            "min_s": min(times),
+            "images_per_s_per_step": batch / step_s,
+            "first_call_s": first,
+            "new_graphs": new_graphs,
+            "compile_s": max(first - step_s, 0.0) if new_graphs else 0.0,
+            "peak_gpu_memory_gb": self.peak_gb(),
+        }
         if new_graphs:
             self.compile_s[variant] = row["compile_s"]
         self.results.append(row)
-        print(f"step {variant:17s} {res:4d}px B={batch}: {step_s * 1e3:9.1f} ms"
-              + (f" (compiled {new_graphs} graphs in {row['compile_s']:.1f} s)" if new_graphs else "")
-              + (f", peak {row['peak_gpu_memory_gb']:.1f} GiB" if self.cuda else ""))  # fmt: skip
+        print(
+            f"step {variant:17s} {res:4d}px B={batch}: {step_s * 1e3:9.1f} ms"
+            + (f" (compiled {new_graphs} graphs in {row['compile_s']:.1f} s)" if new_graphs else "")
+            + (f", peak {row['peak_gpu_memory_gb']:.1f} GiB" if self.cuda else "")
+        )
 
     def generation(self, variant: str, res: int, batch: int, reserve_s: float = 0.0) -> None:
         steps = self.spec["steps"]
@@ -231,31 +286,61 @@ class Suite:
 
             self.reset_peak()
             total = self.timed(run)
-        self.results.append({"kind": "generation", "variant": variant, "resolution": res, "batch": batch, "steps": steps,
-                             "total_s": total, "images_per_s": batch / total, "peak_gpu_memory_gb": self.peak_gb()})  # fmt: skip
-        print(f"gen  {variant:17s} {res:4d}px B={batch}: {total:7.2f} s for {steps} steps ({batch / total:.3f} images/s)")
+        self.results.append(
+            {
+                "kind": "generation",
+                "variant": variant,
+                "resolution": res,
+                "batch": batch,
+                "steps": steps,
+                "total_s": total,
+                "images_per_s": batch / total,
+                "peak_gpu_memory_gb": self.peak_gb(),
+            }
+        )
+        print(
+            f"gen  {variant:17s} {res:4d}px B={batch}: {total:7.2f} s for {steps} steps ({batch / total:.3f} images/s)"
+        )
 
 
 def _find(results: list[dict], kind: str, variant: str, res: int, batch: int) -> dict | None:
-    return next((r for r in results if r["kind"] == kind and r["variant"] == variant and r["resolution"] == res and r["batch"] == batch), None)
+    return next(
+        (
+            r
+            for r in results
+            if r["kind"] == kind and r["variant"] == variant and r["resolution"] == res and r["batch"] == batch
+        ),
+        None,
+    )
 
 
 def _compare(out: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
     """Relative L2 error and max abs error of `out` against `ref` (random weights: only agreement matters)."""
     finite = bool(torch.isfinite(out).all() and torch.isfinite(ref).all())
     rel = ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item() if finite else None
-    return {"relative_l2": rel, "max_abs": (out - ref).abs().max().item() if finite else None, "finite": finite,
-            "ref_rms": ref.pow(2).mean().sqrt().item() if finite else None}  # fmt: skip
+    return {
+        "relative_l2": rel,
+        "max_abs": (out - ref).abs().max().item() if finite else None,
+        "finite": finite,
+        "ref_rms": ref.pow(2).mean().sqrt().item() if finite else None,
+    }
 
 
 def evaluate_targets(suite: Suite, kernel: dict | None) -> dict[str, Any]:
     res_hi, res_lo = suite.spec["resolutions"]
     out: dict[str, Any] = {"thresholds": TARGETS}
-    plain, premier = _find(suite.results, "step", "plain_compiled", res_hi, 1), _find(suite.results, "step", "premier_compiled", res_hi, 1)
+    plain, premier = (
+        _find(suite.results, "step", "plain_compiled", res_hi, 1),
+        _find(suite.results, "step", "premier_compiled", res_hi, 1),
+    )
     if plain and premier:
         ratio = premier["step_s"] / plain["step_s"]
-        out["premier_compiled_over_plain_compiled"] = {"value": ratio, "pass": ratio <= TARGETS["premier_compiled_over_plain_compiled_max"],
-                                                       "resolution": res_hi, "batch": 1}  # fmt: skip
+        out["premier_compiled_over_plain_compiled"] = {
+            "value": ratio,
+            "pass": ratio <= TARGETS["premier_compiled_over_plain_compiled_max"],
+            "resolution": res_hi,
+            "batch": 1,
+        }
     for variant in ("premier_compiled", "premier_eager"):
         one, eight = (_find(suite.results, "generation", variant, res_lo, b) for b in (1, 8))
         key, source = "images_per_s", "generation"
@@ -264,12 +349,23 @@ def evaluate_targets(suite: Suite, kernel: dict | None) -> dict[str, Any]:
             key, source = "images_per_s_per_step", "step"
         if one and eight:
             ratio = eight[key] / one[key]
-            out["batch8_over_batch1_images_per_s"] = {"value": ratio, "pass": ratio >= TARGETS["batch8_over_batch1_images_per_s_min"],
-                                                      "variant": variant, "resolution": res_lo, "from": source}  # fmt: skip
+            out["batch8_over_batch1_images_per_s"] = {
+                "value": ratio,
+                "pass": ratio >= TARGETS["batch8_over_batch1_images_per_s_min"],
+                "variant": variant,
+                "resolution": res_lo,
+                "from": source,
+            }
             break
     if kernel:
-        out["fused_kernel_speedup_vs_eager"] = {"value": kernel["fused_speedup_vs_eager"], "pass": kernel["speedup_pass"]}
-        out["fused_kernel_peak_bandwidth_fraction"] = {"value": kernel["fused_peak_fraction"], "pass": kernel["bandwidth_pass"]}
+        out["fused_kernel_speedup_vs_eager"] = {
+            "value": kernel["fused_speedup_vs_eager"],
+            "pass": kernel["speedup_pass"],
+        }
+        out["fused_kernel_peak_bandwidth_fraction"] = {
+            "value": kernel["fused_peak_fraction"],
+            "pass": kernel["bandwidth_pass"],
+        }
     return out
 
 
@@ -288,8 +384,12 @@ def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny model on the CPU: the same code path in seconds (a test)")
     ap.add_argument("--budget-s", type=float, help="stop starting new measurements after this many seconds")
-    ap.add_argument("--compile-backend", help="torch.compile backend (default inductor; --tiny: eager, i.e. dynamo only)")
-    ap.add_argument("--quantize", choices=["int8", "float8", "float8-dynamic"], help="the quantized variant (default float8)")
+    ap.add_argument(
+        "--compile-backend", help="torch.compile backend (default inductor; --tiny: eager, i.e. dynamo only)"
+    )
+    ap.add_argument(
+        "--quantize", choices=["int8", "float8", "float8-dynamic"], help="the quantized variant (default float8)"
+    )
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<card>/gpu_suite.json)")
     return ap
 
@@ -361,10 +461,17 @@ def run(args: argparse.Namespace) -> dict:
     payload = {
         "card": torch.cuda.get_device_name(device) if suite.cuda else None,
         "tiny": args.tiny,
-        "config": {"flux": spec["flux"], "premier": spec["premier"] or "reference (PremierConfig defaults)",
-                   "text_len": spec["text_len"], "steps": spec["steps"], "repeats": spec["repeats"], "dtype": str(dtype),
-                   "compile": {"mode": "regional", "backend": backend, "dynamic": False}, "budget_s": suite.budget_s,
-                   "kernel_backend_eager": eager_kernel_backend},  # fmt: skip
+        "config": {
+            "flux": spec["flux"],
+            "premier": spec["premier"] or "reference (PremierConfig defaults)",
+            "text_len": spec["text_len"],
+            "steps": spec["steps"],
+            "repeats": spec["repeats"],
+            "dtype": str(dtype),
+            "compile": {"mode": "regional", "backend": backend, "dynamic": False},
+            "budget_s": suite.budget_s,
+            "kernel_backend_eager": eager_kernel_backend,
+        },
         "build_s": suite.build_s,
         "weights_gb": suite.weights_gb,
         "quantization": quant_info,
@@ -377,8 +484,14 @@ def run(args: argparse.Namespace) -> dict:
         "wall_s": suite.elapsed(),
     }
     path = write_result("gpu_suite" + ("_tiny" if args.tiny else ""), payload, args.out)
-    print(f"wrote {path} after {suite.elapsed():.0f} s; targets: " + ", ".join(
-        f"{k}={'pass' if v.get('pass') else 'FAIL'}" for k, v in payload["targets"].items() if isinstance(v, dict) and "pass" in v))  # fmt: skip
+    print(
+        f"wrote {path} after {suite.elapsed():.0f} s; targets: "
+        + ", ".join(
+            f"{k}={'pass' if v.get('pass') else 'FAIL'}"
+            for k, v in payload["targets"].items()
+            if isinstance(v, dict) and "pass" in v
+        )
+    )
     return payload
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -74,14 +75,25 @@ def make_cases(b: int, t: int, l: int, d: int, dtype: torch.dtype, device: torch
         return torch.cat([adaln_modulate_reference(text, ts, th, eps), adaln_modulate_reference(img, is_, ih, eps)], 1)
 
     return {
-        "adaln_per_token": dict(args=(x, scale, shift, 1e-6), ref=adaln_modulate_reference, fused=kernels.adaln_modulate, bytes=4 * btd),
-        "adaln_per_sample": dict(args=(x, s_scale, s_shift, 1e-6), ref=adaln_modulate_reference, fused=kernels.adaln_modulate, bytes=2 * btd + 2 * bd),
+        "adaln_per_token": dict(
+            args=(x, scale, shift, 1e-6), ref=adaln_modulate_reference, fused=kernels.adaln_modulate, bytes=4 * btd
+        ),
+        "adaln_per_sample": dict(
+            args=(x, s_scale, s_shift, 1e-6),
+            ref=adaln_modulate_reference,
+            fused=kernels.adaln_modulate,
+            bytes=2 * btd + 2 * bd,
+        ),
         "adaln_cat_single_stream": dict(
-            args=(x, image, scale, shift, i_scale, i_shift, 1e-6), ref=cat_ref, fused=kernels.adaln_modulate_cat,
+            args=(x, image, scale, shift, i_scale, i_shift, 1e-6),
+            ref=cat_ref,
+            fused=kernels.adaln_modulate_cat,
             bytes=2 * (btd + b * l * d * e) + 2 * btd + 2 * bd,
         ),
-        "gated_residual_per_token": dict(args=(x, gate, y), ref=gated_residual_reference, fused=kernels.gated_residual, bytes=4 * btd),
-    }  # fmt: skip
+        "gated_residual_per_token": dict(
+            args=(x, gate, y), ref=gated_residual_reference, fused=kernels.gated_residual, bytes=4 * btd
+        ),
+    }
 
 
 def run(size: dict, dtype: torch.dtype, device: torch.device, repeats: int) -> list[dict]:
@@ -133,7 +145,9 @@ def run(size: dict, dtype: torch.dtype, device: torch.device, repeats: int) -> l
                 "compiled_s": secs["compiled"],
                 "fused_s": secs.get("fused"),
                 "fallback_s": secs.get("fallback"),
-                "fallback_backend": None if gpu else kernels.backend_for(*[a for a in args if isinstance(a, torch.Tensor)]),
+                "fallback_backend": None
+                if gpu
+                else kernels.backend_for(*[a for a in args if isinstance(a, torch.Tensor)]),
                 "compiled_speedup_vs_eager": secs["eager"] / secs["compiled"],
                 "max_abs_error_vs_eager": errors,
             }
@@ -147,9 +161,11 @@ def run(size: dict, dtype: torch.dtype, device: torch.device, repeats: int) -> l
                 row["fused_speedup_vs_compiled"] = secs["compiled"] / secs["fused"]
             rows.append(row)
             best = "fused" if "fused" in secs else "fallback"
-            print(f"{name:26s} B={b}: eager {secs['eager'] * 1e3:8.3f} ms | compiled x{row['compiled_speedup_vs_eager']:.2f}"
-                  f" | {best} {secs[best] * 1e3:8.3f} ms ({row[f'{best}_gb_per_s']:.1f} GB/s"
-                  + (f", {row[f'{best}_peak_fraction']:.0%} of peak)" if peak else ")"))  # fmt: skip
+            print(
+                f"{name:26s} B={b}: eager {secs['eager'] * 1e3:8.3f} ms | compiled x{row['compiled_speedup_vs_eager']:.2f}"
+                f" | {best} {secs[best] * 1e3:8.3f} ms ({row[f'{best}_gb_per_s']:.1f} GB/s"
+                + (f", {row[f'{best}_peak_fraction']:.0%} of peak)" if peak else ")")
+            )
     return rows
 
 
@@ -171,7 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (a smoke test)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds per variant (default 25 on GPU, 7 on CPU)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU")
+    ap.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU"
+    )
     ap.add_argument("--threads", type=int, help="CPU threads (default torch's; 1 is steadier on a shared CPU)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<machine>/kernel_bench.json)")
     args = ap.parse_args(argv)
@@ -185,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "device": device.type,
         "config": {"size": size, "quick": args.quick, "repeats": repeats, "dtype": str(dtype)},
-        "peak_bandwidth_bytes_per_s": peak_bandwidth(torch.cuda.get_device_name(device)) if device.type == "cuda" else None,
+        "peak_bandwidth_bytes_per_s": peak_bandwidth(torch.cuda.get_device_name(device))
+        if device.type == "cuda"
+        else None,
         "target": TARGET,
         "targets": targets(rows),
         "results": rows,

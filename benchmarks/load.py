@@ -25,6 +25,9 @@ Run: `python benchmarks/load.py` (~10 min on 2 cores), `--batch-sizes 1,8`, `--q
 run), or `--url http://host:port` against a server that is already running (one sweep, its own
 max batch size). Writes JSON (`--out`, default benchmarks/results/<machine>/load.json) and a
 PNG plot beside it.
+
+One module on purpose: the load generator, the server it starts and the report are one experiment whose
+sections share the Sample/summary schema that the targets and the plot read, and no other code uses them.
 """
 
 from __future__ import annotations
@@ -48,12 +51,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
 
-PROMPTS = ("a cat on a sofa", "a lighthouse at dusk", "a bowl of fruit", "a mountain lake", "a city street in the rain",
-           "a red bicycle")  # fmt: skip
-FULL = dict(batch_sizes=[1, 8], low_load_requests=40, low_load_rps=2.0, probe_requests=48, level_s=20.0,
-            fractions=[0.25, 0.5, 1.0, 1.5], client_timeout_s=150.0, pipeline_repeats=7)  # fmt: skip
-QUICK = dict(FULL, batch_sizes=[4], low_load_requests=6, low_load_rps=4.0, probe_requests=12, level_s=2.0,
-             fractions=[0.5], client_timeout_s=60.0, pipeline_repeats=1)  # fmt: skip
+PROMPTS = (
+    "a cat on a sofa",
+    "a lighthouse at dusk",
+    "a bowl of fruit",
+    "a mountain lake",
+    "a city street in the rain",
+    "a red bicycle",
+)
+FULL = dict(
+    batch_sizes=[1, 8],
+    low_load_requests=40,
+    low_load_rps=2.0,
+    probe_requests=48,
+    level_s=20.0,
+    fractions=[0.25, 0.5, 1.0, 1.5],
+    client_timeout_s=150.0,
+    pipeline_repeats=7,
+)
+QUICK = dict(
+    FULL,
+    batch_sizes=[4],
+    low_load_requests=6,
+    low_load_rps=4.0,
+    probe_requests=12,
+    level_s=2.0,
+    fractions=[0.5],
+    client_timeout_s=60.0,
+    pipeline_repeats=1,
+)
 TARGET_OVERHEAD_P50_MS = 15.0
 TARGET_BATCH_RATIO = 3.0
 
@@ -79,8 +105,12 @@ def payloads(users: list[str | None], seed: int) -> Iterator[dict[str, Any]]:
     rng = random.Random(seed)
     i = 0
     while True:
-        yield {"prompt": PROMPTS[i % len(PROMPTS)], "user_id": users[i % len(users)], "seed": rng.randrange(2**31),
-               "format": "json"}  # fmt: skip
+        yield {
+            "prompt": PROMPTS[i % len(PROMPTS)],
+            "user_id": users[i % len(users)],
+            "seed": rng.randrange(2**31),
+            "format": "json",
+        }
         i += 1
 
 
@@ -93,7 +123,9 @@ def arrivals(rate: float, n: int, poisson: bool, rng: random.Random) -> list[flo
     return out
 
 
-async def _one(session: Any, url: str, body: dict[str, Any], scheduled: float, start: float, timeout_s: float) -> Sample:
+async def _one(
+    session: Any, url: str, body: dict[str, Any], scheduled: float, start: float, timeout_s: float
+) -> Sample:
     import aiohttp
 
     sent = time.perf_counter()
@@ -114,7 +146,9 @@ async def _one(session: Any, url: str, body: dict[str, Any], scheduled: float, s
         return Sample(scheduled, lag, time.perf_counter() - sent, None, error=f"{type(e).__name__}: {e}")
 
 
-async def offer(url: str, times: list[float], bodies: Iterator[dict[str, Any]], timeout_s: float) -> tuple[list[Sample], float]:
+async def offer(
+    url: str, times: list[float], bodies: Iterator[dict[str, Any]], timeout_s: float
+) -> tuple[list[Sample], float]:
     """Send one request at each time (never waiting for answers); returns the samples and the wall time to the last answer."""
     import aiohttp
 
@@ -171,14 +205,18 @@ def summarise(samples: list[Sample], offered_rps: float | None, wall_s: float) -
     }
 
 
-def run_level(url: str, rate: float, n: int, poisson: bool, bodies: Iterator[dict[str, Any]], timeout_s: float,
-              seed: int) -> dict[str, Any]:  # fmt: skip
+def run_level(
+    url: str, rate: float, n: int, poisson: bool, bodies: Iterator[dict[str, Any]], timeout_s: float, seed: int
+) -> dict[str, Any]:
     times = arrivals(rate, n, poisson, random.Random(seed))
     samples, wall = asyncio.run(offer(url, times, bodies, timeout_s))
     out = summarise(samples, rate, wall)
-    print(f"  offered {rate:7.2f}/s x{n:4d}: {out['images_per_s']:7.2f} img/s  p50 {out['latency']['p50_ms']} ms  "
-          f"p99 {out['latency']['p99_ms']} ms  batch {out['mean_batch_size']}  503 {out['refused_503']}  "
-          f"5xx {out['server_errors_5xx']}  lost {out['lost']}", flush=True)  # fmt: skip
+    print(
+        f"  offered {rate:7.2f}/s x{n:4d}: {out['images_per_s']:7.2f} img/s  p50 {out['latency']['p50_ms']} ms  "
+        f"p99 {out['latency']['p99_ms']} ms  batch {out['mean_batch_size']}  503 {out['refused_503']}  "
+        f"5xx {out['server_errors_5xx']}  lost {out['lost']}",
+        flush=True,
+    )
     return out
 
 
@@ -199,8 +237,14 @@ def sweep(url: str, size: dict[str, Any], users: list[str | None], seed: int) ->
     rate = 2 * saturation
     at_2x = run_level(url, rate, max(8, round(rate * size["level_s"])), True, bodies, timeout, seed + 99)
     at_2x["saturation_images_per_s"] = round(saturation, 3)
-    return {"low_load": low, "probe": burst, "levels": levels + [at_2x], "saturation_images_per_s": round(saturation, 3),
-            "sustained_images_per_s": round(sustained, 3), "at_2x_saturation": at_2x}  # fmt: skip
+    return {
+        "low_load": low,
+        "probe": burst,
+        "levels": levels + [at_2x],
+        "saturation_images_per_s": round(saturation, 3),
+        "sustained_images_per_s": round(sustained, 3),
+        "at_2x_saturation": at_2x,
+    }
 
 
 def pipeline_reference(batch_sizes: list[int], repeats: int, threads: int = 1) -> dict[str, Any]:
@@ -238,7 +282,9 @@ def serve_each(batch_sizes: list[int], extra: dict[str, Any]) -> Iterator[tuple[
     from serving.server import ServerSession
 
     with tempfile.TemporaryDirectory(prefix="premier-load-") as work:
-        configs = [build_config({"store": str(Path(work) / "store"), **extra, "max_batch_size": b}) for b in batch_sizes]
+        configs = [
+            build_config({"store": str(Path(work) / "store"), **extra, "max_batch_size": b}) for b in batch_sizes
+        ]
         with ServerSession(configs[0], ServerOptions(http_port=0, grpc_port=0), dashboard=False) as session:
             for i, (b, config) in enumerate(zip(batch_sizes, configs)):
                 if i:
@@ -252,11 +298,18 @@ def targets(runs: list[dict[str, Any]], reference: dict[str, Any] | None = None)
     by = {r["max_batch_size"]: r for r in runs}
     base = by.get(1)
     out: dict[str, Any] = {}
-    overhead = [r["low_load"]["server_overhead_e2e"]["p50_ms"] for r in runs if r["low_load"]["server_overhead_e2e"]["p50_ms"] is not None]
+    overhead = [
+        r["low_load"]["server_overhead_e2e"]["p50_ms"]
+        for r in runs
+        if r["low_load"]["server_overhead_e2e"]["p50_ms"] is not None
+    ]
     if overhead:
         worst = max(overhead)
-        out["server_overhead_p50_le_15ms"] = {"value_ms": worst, "pass": worst <= TARGET_OVERHEAD_P50_MS,
-                                              "note": "worst over batch sizes; end to end at the client minus pipeline time"}  # fmt: skip
+        out["server_overhead_p50_le_15ms"] = {
+            "value_ms": worst,
+            "pass": worst <= TARGET_OVERHEAD_P50_MS,
+            "note": "worst over batch sizes; end to end at the client minus pipeline time",
+        }
     for r in runs:
         if base is not None and r["max_batch_size"] != 1 and base["saturation_images_per_s"] > 0:
             ratio = r["saturation_images_per_s"] / base["saturation_images_per_s"]
@@ -266,9 +319,13 @@ def targets(runs: list[dict[str, Any]], reference: dict[str, Any] | None = None)
         out["batch8_ge_3x_batch1"] = {"ratio": ratio, "pass": (ratio or 0) >= TARGET_BATCH_RATIO}
         if reference and "8" in reference and "1" in reference:
             out["batch8_ge_3x_batch1"]["pipeline_alone_ratio"] = round(
-                reference["8"]["images_per_s"] / reference["1"]["images_per_s"], 3)
+                reference["8"]["images_per_s"] / reference["1"]["images_per_s"], 3
+            )
     clean = all(r["at_2x_saturation"]["lost"] == 0 and r["at_2x_saturation"]["server_errors_5xx"] == 0 for r in runs)
-    out["no_loss_no_5xx_at_2x_saturation"] = {"pass": clean, "refused_503": {r["max_batch_size"]: r["at_2x_saturation"]["refused_503"] for r in runs}}
+    out["no_loss_no_5xx_at_2x_saturation"] = {
+        "pass": clean,
+        "refused_503": {r["max_batch_size"]: r["at_2x_saturation"]["refused_503"] for r in runs},
+    }
     return out
 
 
@@ -286,12 +343,20 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path:
         ax1.plot(x, [v["images_per_s"] for v in lv], "o-", color=colour, label=f"max batch {r['max_batch_size']}")
         for q, style in (("p50_ms", "-"), ("p95_ms", "--"), ("p99_ms", ":")):
             ys = [v["latency"][q] for v in lv]
-            ax2.plot(x, [y if y is not None else float("nan") for y in ys], style, color=colour, marker=".",
-                     label=f"batch {r['max_batch_size']} {q[:3]}")  # fmt: skip
+            ax2.plot(
+                x,
+                [y if y is not None else float("nan") for y in ys],
+                style,
+                color=colour,
+                marker=".",
+                label=f"batch {r['max_batch_size']} {q[:3]}",
+            )
     lim = max((v["offered_rps"] for r in runs for v in r["levels"]), default=1.0)
     ax1.plot([0, lim], [0, lim], color="grey", lw=0.8, ls=":", label="offered = served")
     ax1.set(xlabel="offered load (requests/s)", ylabel="served (images/s)", title="throughput")
-    ax2.set(xlabel="offered load (requests/s)", ylabel="latency of answered requests (ms)", title="latency", yscale="log")
+    ax2.set(
+        xlabel="offered load (requests/s)", ylabel="latency of answered requests (ms)", title="latency", yscale="log"
+    )
     ax1.legend(fontsize=8)
     ax2.legend(fontsize=7, ncol=2)
     fig.tight_layout()
@@ -306,7 +371,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--url", help="a running server (no start/stop; one sweep at its own max batch size)")
     ap.add_argument("--batch-sizes", help="comma-separated max batch sizes (default 1,8; 1 is the baseline)")
     ap.add_argument("--level-seconds", type=float, help="length of each offered-load level")
-    ap.add_argument("--users", help="comma-separated user ids ('none' for plain FLUX; default: the embedded demo users and none)")
+    ap.add_argument(
+        "--users", help="comma-separated user ids ('none' for plain FLUX; default: the embedded demo users and none)"
+    )
     ap.add_argument("--server-config", help="YAML of extra ServeConfig fields for the servers this benchmark starts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<machine>/load.json; the plot goes beside it)")
@@ -332,7 +399,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     reference = None if args.url else pipeline_reference(size["batch_sizes"], size["pipeline_repeats"])
     if reference:
-        print("pipeline alone: " + ", ".join(f"batch {k}: {v['images_per_s']} img/s" for k, v in reference.items() if k.isdigit()))
+        print(
+            "pipeline alone: "
+            + ", ".join(f"batch {k}: {v['images_per_s']} img/s" for k, v in reference.items() if k.isdigit())
+        )
     if args.url:
         print(f"against {args.url}", flush=True)
         runs.append({"max_batch_size": None, "url": args.url, **sweep(args.url.rstrip("/"), size, users, args.seed)})
@@ -340,10 +410,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for b, url in serve_each(size["batch_sizes"], extra):
             print(f"max batch size {b}: {url}", flush=True)
             runs.append({"max_batch_size": b, **sweep(url, size, users, args.seed)})
-    payload = {"config": {**size, "users": users, "quick": args.quick, "server_config": extra, "arrivals": "poisson (sweep), fixed (low load)"},
-               "machine_load": {"loadavg_1m_before": round(load_before[0], 2), "loadavg_1m_after": round(os.getloadavg()[0], 2),
-                                "note": "other processes share these cores; see the report for what ran"},
-               "pipeline_alone": reference, "runs": runs, "targets": targets(runs, reference) if not args.url else {}}  # fmt: skip
+    payload = {
+        "config": {
+            **size,
+            "users": users,
+            "quick": args.quick,
+            "server_config": extra,
+            "arrivals": "poisson (sweep), fixed (low load)",
+        },
+        "machine_load": {
+            "loadavg_1m_before": round(load_before[0], 2),
+            "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            "note": "other processes share these cores; see the report for what ran",
+        },
+        "pipeline_alone": reference,
+        "runs": runs,
+        "targets": targets(runs, reference) if not args.url else {},
+    }
     path = write_result(name, payload, args.out)
     payload["plot"] = str(plot(runs, path.with_suffix(".png")))
     print(json.dumps(payload["targets"], indent=1))

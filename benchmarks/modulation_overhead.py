@@ -26,32 +26,62 @@ from premier.adapters import PremierAdapters  # noqa: E402
 from premier.config import PremierConfig  # noqa: E402
 from premier.transformer import PremierTransformer  # noqa: E402
 
-MID = dict(inner_heads=8, head_dim=64, num_layers=4, num_single_layers=8, text_dim=1024, image_grid=16,
-           user_tokens=30, user_dim=256, adapter_width=512, adapter_heads=8)  # fmt: skip
-QUICK = dict(inner_heads=2, head_dim=32, num_layers=1, num_single_layers=2, text_dim=64, image_grid=4,
-             user_tokens=4, user_dim=16, adapter_width=32, adapter_heads=2)  # fmt: skip
+MID = dict(
+    inner_heads=8,
+    head_dim=64,
+    num_layers=4,
+    num_single_layers=8,
+    text_dim=1024,
+    image_grid=16,
+    user_tokens=30,
+    user_dim=256,
+    adapter_width=512,
+    adapter_heads=8,
+)
+QUICK = dict(
+    inner_heads=2,
+    head_dim=32,
+    num_layers=1,
+    num_single_layers=2,
+    text_dim=64,
+    image_grid=4,
+    user_tokens=4,
+    user_dim=16,
+    adapter_width=32,
+    adapter_heads=2,
+)
 
 
 def build(size: dict):
     torch.manual_seed(0)
     flux = FluxTransformer2DModel(
-        patch_size=1, in_channels=64, num_layers=size["num_layers"], num_single_layers=size["num_single_layers"],
-        attention_head_dim=size["head_dim"], num_attention_heads=size["inner_heads"],
-        joint_attention_dim=size["text_dim"], pooled_projection_dim=768, guidance_embeds=True,
+        patch_size=1,
+        in_channels=64,
+        num_layers=size["num_layers"],
+        num_single_layers=size["num_single_layers"],
+        attention_head_dim=size["head_dim"],
+        num_attention_heads=size["inner_heads"],
+        joint_attention_dim=size["text_dim"],
+        pooled_projection_dim=768,
+        guidance_embeds=True,
         axes_dims_rope=(size["head_dim"] // 4, 3 * size["head_dim"] // 8, 3 * size["head_dim"] // 8),
-    ).eval()  # fmt: skip
+    ).eval()
     config = PremierConfig.for_transformer(
-        flux.config, num_user_tokens=size["user_tokens"], user_dim=size["user_dim"],
-        adapter_width=size["adapter_width"], adapter_heads=size["adapter_heads"],
-    )  # fmt: skip
+        flux.config,
+        num_user_tokens=size["user_tokens"],
+        user_dim=size["user_dim"],
+        adapter_width=size["adapter_width"],
+        adapter_heads=size["adapter_heads"],
+    )
     return flux, PremierTransformer(flux, config), PremierAdapters(config).eval(), config
 
 
 def inputs_for(flux, config: PremierConfig, size: dict, batch: int, text_len: int):
     g = torch.Generator().manual_seed(1)
     grid = size["image_grid"]
-    ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(grid).float(), torch.arange(grid).float(),
-                                     indexing="ij"), -1).reshape(-1, 3)  # fmt: skip
+    ids = torch.stack(
+        torch.meshgrid(torch.zeros(1), torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij"), -1
+    ).reshape(-1, 3)
     step = dict(
         hidden_states=torch.randn(batch, grid * grid, 64, generator=g),
         encoder_hidden_states=torch.randn(batch, text_len, config.text_dim, generator=g),
@@ -86,24 +116,30 @@ def run(size: dict, batches: list[int], text_lens: list[int], repeats: int) -> l
                 def adapters_only():
                     return adapters.text_deltas(step["encoder_hidden_states"], users)
 
-                t = interleaved({"plain": plain, "premier": ours, "reference": reference, "adapters": adapters_only},
-                                repeats=repeats)  # fmt: skip
+                t = interleaved(
+                    {"plain": plain, "premier": ours, "reference": reference, "adapters": adapters_only},
+                    repeats=repeats,
+                )
             base = t["plain"]["median_s"]
-            rows.append({
-                "batch": batch,
-                "text_tokens": text_len,
-                "image_tokens": size["image_grid"] ** 2,
-                "plain_s": base,
-                "premier_s": t["premier"]["median_s"],
-                "reference_s": t["reference"]["median_s"],
-                "adapters_once_s": t["adapters"]["median_s"],
-                "premier_over_plain": t["premier"]["median_s"] / base,
-                "reference_over_plain": t["reference"]["median_s"] / base,
-                "reference_over_premier": t["reference"]["median_s"] / t["premier"]["median_s"],
-                "timings": t,
-            })  # fmt: skip
-            print(f"T={text_len:4d} B={batch}: plain {base * 1e3:8.1f} ms | premier x{rows[-1]['premier_over_plain']:.3f} "
-                  f"| reference (adapters every step) x{rows[-1]['reference_over_plain']:.3f}")  # fmt: skip
+            rows.append(
+                {
+                    "batch": batch,
+                    "text_tokens": text_len,
+                    "image_tokens": size["image_grid"] ** 2,
+                    "plain_s": base,
+                    "premier_s": t["premier"]["median_s"],
+                    "reference_s": t["reference"]["median_s"],
+                    "adapters_once_s": t["adapters"]["median_s"],
+                    "premier_over_plain": t["premier"]["median_s"] / base,
+                    "reference_over_plain": t["reference"]["median_s"] / base,
+                    "reference_over_premier": t["reference"]["median_s"] / t["premier"]["median_s"],
+                    "timings": t,
+                }
+            )
+            print(
+                f"T={text_len:4d} B={batch}: plain {base * 1e3:8.1f} ms | premier x{rows[-1]['premier_over_plain']:.3f} "
+                f"| reference (adapters every step) x{rows[-1]['reference_over_plain']:.3f}"
+            )
     return rows
 
 
@@ -152,18 +188,45 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<machine>/modulation_overhead.json)")
     args = ap.parse_args(argv)
     size = QUICK if args.quick else MID
-    rows = run(size, [1, 8] if not args.quick else [1, 2], [64, 256] if not args.quick else [8], 1 if args.quick else args.repeats)
+    rows = run(
+        size,
+        [1, 8] if not args.quick else [1, 2],
+        [64, 256] if not args.quick else [8],
+        1 if args.quick else args.repeats,
+    )
     if args.quick:
-        flop_rows = [count_flops(dict(num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
-                                      joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-                                      axes_dims_rope=(4, 6, 6)),
-                                 PremierConfig(inner_dim=32, text_dim=32, num_user_tokens=2, user_dim=8, adapter_width=16,
-                                               adapter_heads=2, double_blocks=(0,)), 8, 16)]  # fmt: skip
+        flop_rows = [
+            count_flops(
+                dict(
+                    num_layers=1,
+                    num_single_layers=1,
+                    attention_head_dim=16,
+                    num_attention_heads=2,
+                    joint_attention_dim=32,
+                    pooled_projection_dim=16,
+                    guidance_embeds=True,
+                    axes_dims_rope=(4, 6, 6),
+                ),
+                PremierConfig(
+                    inner_dim=32,
+                    text_dim=32,
+                    num_user_tokens=2,
+                    user_dim=8,
+                    adapter_width=16,
+                    adapter_heads=2,
+                    double_blocks=(0,),
+                ),
+                8,
+                16,
+            )
+        ]
     else:  # FLUX.1-dev with the reference Premier config, 1024x1024 and 512x512, 512 text tokens
         flop_rows = [count_flops(dict(guidance_embeds=True), PremierConfig(), 512, n) for n in (4096, 1024)]
     for r in flop_rows:
-        print(f"FLOPs/step at {r['image_tokens']} image tokens: plain {r['plain_tflop']:.2f} T | premier "
-              f"x{r['premier_over_plain']:.4f} | reference x{r['reference_over_plain']:.4f}")  # fmt: skip
+        print(
+            f"FLOPs/step at {r['image_tokens']} image tokens: plain {r['plain_tflop']:.2f} T | premier "
+            f"x{r['premier_over_plain']:.4f} | reference x{r['reference_over_plain']:.4f}"
+        )
     payload = {"config": {"size": size, "quick": args.quick}, "results": rows, "flops_flux_dev_sized": flop_rows}
     path = write_result("modulation_overhead" + ("_quick" if args.quick else ""), payload, args.out)
     print(f"wrote {path}")

@@ -17,6 +17,9 @@ has three implementations, chosen per call by `backend_for` (inspectable, and co
 
 `set_backend` / the ``PREMIER_KERNELS`` environment variable choose the policy
 (``auto`` | ``triton`` | ``torch`` | ``inline``); ``auto`` is the default.
+
+This module holds the policy, the custom operators and the public ops; the PyTorch definitions
+and shape checks are in `kernels.reference`, the operators' backward formulas in `kernels.backward`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
+
+from kernels import backward
+from kernels.reference import adaln_modulate_reference, broadcastable, check_x, gated_residual_reference
 
 Backend = Literal["triton", "torch", "inline"]
 POLICIES = ("auto", "triton", "torch", "inline")
@@ -79,7 +84,9 @@ def fused_unsupported(*tensors: torch.Tensor) -> str | None:
     if x.device.type != "cuda" and not (INTERPRET and x.device.type == "cpu"):
         return f"no Triton backend for {x.device.type} tensors (set TRITON_INTERPRET=1 to interpret on CPU)"
     if any(t.dtype != x.dtype for t in tensors) or x.dtype not in FUSED_DTYPES:
-        return f"dtypes {sorted({str(t.dtype) for t in tensors})}: the kernel needs one of fp32/bf16/fp16 for all inputs"
+        return (
+            f"dtypes {sorted({str(t.dtype) for t in tensors})}: the kernel needs one of fp32/bf16/fp16 for all inputs"
+        )
     if any(t.device != x.device for t in tensors):
         return "inputs on different devices"
     if x.shape[-1] > MAX_FUSED_D:
@@ -105,35 +112,6 @@ def kernel_calls() -> dict[tuple[str, str], int]:
 
 def reset_kernel_calls() -> None:
     _calls.clear()
-
-
-# ----------------------------------------------------------------------------- reference
-def _broadcastable(param: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    """(B, D) -> (B, 1, D); (B, 1, D) and (B, T, D) stay. Anything else is a programming error."""
-    if param.dim() == 2:
-        param = param.unsqueeze(1)
-    if param.dim() != 3 or param.shape[0] != x.shape[0] or param.shape[-1] != x.shape[-1]:
-        raise ValueError(f"{name} has shape {tuple(param.shape)}; expected (B, D) or (B, T, D) for x {tuple(x.shape)}")
-    if param.shape[1] not in (1, x.shape[1]):
-        raise ValueError(f"{name} has {param.shape[1]} tokens; x has {x.shape[1]}")
-    return param
-
-
-def _check_x(x: torch.Tensor, name: str = "x") -> None:
-    if x.dim() != 3:
-        raise ValueError(f"{name} has shape {tuple(x.shape)}; expected (B, T, D)")
-
-
-def adaln_modulate_reference(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """The definition: `LayerNorm(x) * (1 + scale) + shift` (no affine weights), in x's dtype as FLUX does it."""
-    scale = _broadcastable(scale, x, "scale")
-    shift = _broadcastable(shift, x, "shift")
-    return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
-
-
-def gated_residual_reference(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The definition: `x + gate * y`."""
-    return x + _broadcastable(gate, x, "gate") * y
 
 
 # ----------------------------------------------------------------------------- custom operators
@@ -175,17 +153,25 @@ def _adaln_cat_op(
     _calls[("adaln_modulate_cat", backend)] += 1
     if backend == "triton":
         return _triton().adaln_modulate(
-            _unit_stride(text), _unit_stride(text_scale), _unit_stride(text_shift), eps,
-            _unit_stride(image), _unit_stride(image_scale), _unit_stride(image_shift),
-        )  # fmt: skip
+            _unit_stride(text),
+            _unit_stride(text_scale),
+            _unit_stride(text_shift),
+            eps,
+            _unit_stride(image),
+            _unit_stride(image_scale),
+            _unit_stride(image_shift),
+        )
     return torch.cat(
-        [adaln_modulate_reference(text, text_scale, text_shift, eps), adaln_modulate_reference(image, image_scale, image_shift, eps)],
+        [
+            adaln_modulate_reference(text, text_scale, text_shift, eps),
+            adaln_modulate_reference(image, image_scale, image_shift, eps),
+        ],
         dim=1,
     )
 
 
 @_adaln_cat_op.register_fake
-def _(text, image, text_scale, text_shift, image_scale, image_shift, eps, backend):  # noqa: ANN001, ANN202
+def _(text, image, text_scale, text_shift, image_scale, image_shift, eps, backend):
     return text.new_empty((text.shape[0], text.shape[1] + image.shape[1], text.shape[2]))
 
 
@@ -202,100 +188,10 @@ def _(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, backend: str) -> tor
     return x.new_empty(x.shape)
 
 
-# Backward in PyTorch ops (fp32 math): training runs the same forward kernels, and under
-# torch.compile AOTAutograd traces these formulas like any other.
-def _reduce_to(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Sum a (B, T, D) gradient over the tokens a per-sample parameter was broadcast to."""
-    if param.dim() == 2:
-        grad = grad.sum(1)
-    elif param.shape[1] == 1 and grad.shape[1] != 1:
-        grad = grad.sum(1, keepdim=True)
-    return grad.to(param.dtype)
-
-
-def _adaln_backward(
-    grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float, needs: tuple[bool, bool, bool]
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    g = grad.float()
-    xf = x.float()
-    mean = xf.mean(-1, keepdim=True)
-    xc = xf - mean
-    rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
-    n = xc * rstd
-    grad_x = grad_scale = grad_shift = None
-    if needs[0]:
-        gn = g * (1 + _broadcastable(scale, x, "scale").float())
-        grad_x = (rstd * (gn - gn.mean(-1, keepdim=True) - n * (gn * n).mean(-1, keepdim=True))).to(x.dtype)
-    if needs[1]:
-        grad_scale = _reduce_to(g * n, scale)
-    if needs[2]:
-        grad_shift = g
-    return grad_x, grad_scale, grad_shift
-
-
-def _adaln_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, scale, shift, eps, _ = inputs
-    ctx.save_for_backward(x, scale)
-    ctx.eps = eps
-    ctx.shift_meta = (shift.dim(), shift.shape, shift.dtype)
-
-
-def _shift_grad(g: torch.Tensor | None, meta: tuple) -> torch.Tensor | None:
-    if g is None:
-        return None
-    dim, shape, dtype = meta
-    if dim == 2:
-        g = g.sum(1)
-    elif shape[1] == 1 and g.shape[1] != 1:
-        g = g.sum(1, keepdim=True)
-    return g.to(dtype)
-
-
-def _adaln_bwd(ctx: Any, grad: torch.Tensor) -> tuple:
-    x, scale = ctx.saved_tensors
-    gx, gs, gh = _adaln_backward(grad, x, scale, ctx.eps, tuple(ctx.needs_input_grad[:3]))
-    return gx, gs, _shift_grad(gh, ctx.shift_meta), None, None
-
-
-_adaln_op.register_autograd(_adaln_bwd, setup_context=_adaln_setup)
-
-
-def _adaln_cat_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    text, image, text_scale, text_shift, image_scale, image_shift, eps, _ = inputs
-    ctx.save_for_backward(text, image, text_scale, image_scale)
-    ctx.eps = eps
-    ctx.shift_meta = [(t.dim(), t.shape, t.dtype) for t in (text_shift, image_shift)]
-
-
-def _adaln_cat_bwd(ctx: Any, grad: torch.Tensor) -> tuple:
-    text, image, text_scale, image_scale = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    g_text, g_image = grad[:, : text.shape[1]], grad[:, text.shape[1] :]
-    tx, ts, th = _adaln_backward(g_text, text, text_scale, ctx.eps, (needs[0], needs[2], needs[3]))
-    ix, is_, ih = _adaln_backward(g_image, image, image_scale, ctx.eps, (needs[1], needs[4], needs[5]))
-    return tx, ix, ts, _shift_grad(th, ctx.shift_meta[0]), is_, _shift_grad(ih, ctx.shift_meta[1]), None, None
-
-
-_adaln_cat_op.register_autograd(_adaln_cat_bwd, setup_context=_adaln_cat_setup)
-
-
-def _gated_setup(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    x, gate, y, _ = inputs
-    ctx.save_for_backward(gate, y)
-    ctx.x_dtype = x.dtype
-
-
-def _gated_bwd(ctx: Any, grad: torch.Tensor) -> tuple:
-    gate, y = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    grad_x = grad.to(ctx.x_dtype) if needs[0] else None
-    g3 = _broadcastable(gate, grad, "gate")
-    grad_gate = _reduce_to(grad.float() * y.float(), gate) if needs[1] else None
-    grad_y = (grad.float() * g3.float()).to(y.dtype) if needs[2] else None
-    return grad_x, grad_gate, grad_y, None
-
-
-_gated_op.register_autograd(_gated_bwd, setup_context=_gated_setup)
+# Backward in PyTorch ops (fp32 math), in kernels.backward.
+_adaln_op.register_autograd(backward.adaln_bwd, setup_context=backward.adaln_setup)
+_adaln_cat_op.register_autograd(backward.adaln_cat_bwd, setup_context=backward.adaln_cat_setup)
+_gated_op.register_autograd(backward.gated_bwd, setup_context=backward.gated_setup)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -304,9 +200,9 @@ def adaln_modulate(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ep
 
     x: (B, T, D); scale, shift: (B, D) per sample or (B, T, D) per token.
     """
-    _check_x(x)
-    _broadcastable(scale, x, "scale")
-    _broadcastable(shift, x, "shift")
+    check_x(x)
+    broadcastable(scale, x, "scale")
+    broadcastable(shift, x, "shift")
     backend = backend_for(x, scale, shift)
     if backend == "inline":
         return adaln_modulate_reference(x, scale, shift, eps)
@@ -327,26 +223,35 @@ def adaln_modulate_cat(
     The single-stream block's input: text rows modulated per token (B, T, D), image rows per
     sample (B, D) (either shape is accepted for each). Returns (B, T + L, D).
     """
-    _check_x(text, "text")
-    _check_x(image, "image")
+    check_x(text, "text")
+    check_x(image, "image")
     if text.shape[0] != image.shape[0] or text.shape[2] != image.shape[2]:
         raise ValueError(f"text {tuple(text.shape)} and image {tuple(image.shape)} differ in batch or width")
-    for name, param, rows in (("text_scale", text_scale, text), ("text_shift", text_shift, text),
-                              ("image_scale", image_scale, image), ("image_shift", image_shift, image)):  # fmt: skip
-        _broadcastable(param, rows, name)
+    for name, param, rows in (
+        ("text_scale", text_scale, text),
+        ("text_shift", text_shift, text),
+        ("image_scale", image_scale, image),
+        ("image_shift", image_shift, image),
+    ):
+        broadcastable(param, rows, name)
     backend = backend_for(text, image, text_scale, text_shift, image_scale, image_shift)
     if backend == "inline":
         return torch.cat(
-            [adaln_modulate_reference(text, text_scale, text_shift, eps), adaln_modulate_reference(image, image_scale, image_shift, eps)],
+            [
+                adaln_modulate_reference(text, text_scale, text_shift, eps),
+                adaln_modulate_reference(image, image_scale, image_shift, eps),
+            ],
             dim=1,
         )
-    return torch.ops.premier.adaln_modulate_cat(text, image, text_scale, text_shift, image_scale, image_shift, float(eps), backend)
+    return torch.ops.premier.adaln_modulate_cat(
+        text, image, text_scale, text_shift, image_scale, image_shift, float(eps), backend
+    )
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`x + gate * y` with a (B, D) or (B, T, D) gate; x and y (B, T, D)."""
-    _check_x(x)
-    _broadcastable(gate, x, "gate")
+    check_x(x)
+    broadcastable(gate, x, "gate")
     if y.shape != x.shape:
         raise ValueError(f"y has shape {tuple(y.shape)}; x has {tuple(x.shape)}")
     backend = backend_for(x, gate, y)

@@ -35,13 +35,32 @@ def _adaln_row(x_ptrs, scale_ptrs, shift_ptrs, mask, D, eps):
 
 @triton.jit
 def _adaln_kernel(
-    out_ptr, a_ptr, a_scale_ptr, a_shift_ptr, b_ptr, b_scale_ptr, b_shift_ptr,
-    rows_a, D, eps,
-    so_b, so_t,
-    sa_b, sa_t, sas_b, sas_t, sah_b, sah_t,
-    sb_b, sb_t, sbs_b, sbs_t, sbh_b, sbh_t,
+    out_ptr,
+    a_ptr,
+    a_scale_ptr,
+    a_shift_ptr,
+    b_ptr,
+    b_scale_ptr,
+    b_shift_ptr,
+    rows_a,
+    D,
+    eps,
+    so_b,
+    so_t,
+    sa_b,
+    sa_t,
+    sas_b,
+    sas_t,
+    sah_b,
+    sah_t,
+    sb_b,
+    sb_t,
+    sbs_b,
+    sbs_t,
+    sbh_b,
+    sbh_t,
     BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """out[b, r] = LN(src[b, r]) * (1 + scale[b, r]) + shift[b, r]; rows < rows_a come from
     segment a, the rest from segment b, so one launch writes the
     concatenated [text; image] rows of a single-stream block."""
@@ -67,10 +86,21 @@ def _adaln_kernel(
 
 @triton.jit
 def _gated_residual_kernel(
-    out_ptr, x_ptr, gate_ptr, y_ptr, D,
-    so_b, so_t, sx_b, sx_t, sg_b, sg_t, sy_b, sy_t,
+    out_ptr,
+    x_ptr,
+    gate_ptr,
+    y_ptr,
+    D,
+    so_b,
+    so_t,
+    sx_b,
+    sx_t,
+    sg_b,
+    sg_t,
+    sy_b,
+    sy_t,
     BLOCK_D: tl.constexpr,
-):  # fmt: skip
+):
     """out[b, r] = x[b, r] + gate[b, r] * y[b, r] (gate row stride 0 for a per-sample gate)."""
     row = tl.program_id(0).to(tl.int64)
     sample = tl.program_id(1).to(tl.int64)
@@ -114,13 +144,29 @@ def adaln_modulate(
         b, b_scale, b_shift = a, a_scale, a_shift
     block, warps = _launch_config(d)
     _adaln_kernel[(rows_a + rows_b, batch)](
-        out, a, a_scale, a_shift, b, b_scale, b_shift,
-        rows_a, d, eps,
-        out.stride(0), out.stride(1),
-        a.stride(0), a.stride(1), *_row_strides(a_scale), *_row_strides(a_shift),
-        b.stride(0), b.stride(1), *_row_strides(b_scale), *_row_strides(b_shift),
-        BLOCK_D=block, num_warps=warps,
-    )  # fmt: skip
+        out,
+        a,
+        a_scale,
+        a_shift,
+        b,
+        b_scale,
+        b_shift,
+        rows_a,
+        d,
+        eps,
+        out.stride(0),
+        out.stride(1),
+        a.stride(0),
+        a.stride(1),
+        *_row_strides(a_scale),
+        *_row_strides(a_shift),
+        b.stride(0),
+        b.stride(1),
+        *_row_strides(b_scale),
+        *_row_strides(b_shift),
+        BLOCK_D=block,
+        num_warps=warps,
+    )
     return out
 
 
@@ -132,8 +178,19 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
         return out
     block, warps = _launch_config(d)
     _gated_residual_kernel[(rows, batch)](
-        out, x, gate, y, d,
-        out.stride(0), out.stride(1), x.stride(0), x.stride(1), *_row_strides(gate), y.stride(0), y.stride(1),
-        BLOCK_D=block, num_warps=warps,
-    )  # fmt: skip
+        out,
+        x,
+        gate,
+        y,
+        d,
+        out.stride(0),
+        out.stride(1),
+        x.stride(0),
+        x.stride(1),
+        *_row_strides(gate),
+        y.stride(0),
+        y.stride(1),
+        BLOCK_D=block,
+        num_warps=warps,
+    )
     return out

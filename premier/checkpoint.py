@@ -47,8 +47,13 @@ def content_id(config: PremierConfig, tensors: dict[str, torch.Tensor], user_ids
 class PremierModel(nn.Module):
     """What stage 1 trains and a Premier checkpoint holds: both adapters and the training-user table."""
 
-    def __init__(self, config: PremierConfig, user_ids: list[str], adapters: PremierAdapters | None = None,
-                 users: UserEmbeddingTable | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: PremierConfig,
+        user_ids: list[str],
+        adapters: PremierAdapters | None = None,
+        users: UserEmbeddingTable | None = None,
+    ):
         super().__init__()
         self.config = config
         self.adapters = adapters if adapters is not None else PremierAdapters(config)
@@ -74,7 +79,9 @@ class PremierModel(nn.Module):
             adapters = {k: v.detach().contiguous().cpu() for k, v in self.adapters.state_dict().items()}
             save_file(adapters, str(tmp / ADAPTERS_FILE), metadata=meta)
             users_meta = dict(meta, user_ids=json.dumps(self.users.user_ids))
-            save_file({"weight": self.users.weight.detach().contiguous().cpu()}, str(tmp / USERS_FILE), metadata=users_meta)
+            save_file(
+                {"weight": self.users.weight.detach().contiguous().cpu()}, str(tmp / USERS_FILE), metadata=users_meta
+            )
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
@@ -91,7 +98,7 @@ class PremierModel(nn.Module):
         return ckpt_id
 
     @classmethod
-    def load(cls, folder: str | Path, verify: bool = True) -> tuple["PremierModel", str]:
+    def load(cls, folder: str | Path, verify: bool = True) -> tuple[PremierModel, str]:
         """Load a checkpoint folder; with `verify`, recompute the content id and refuse a mismatch."""
         folder = Path(folder)
         if not folder.is_dir():
@@ -100,6 +107,7 @@ class PremierModel(nn.Module):
         missing = [n for n in (ADAPTERS_FILE, USERS_FILE) if not (folder / n).is_file()]
         if missing:
             raise CheckpointError(f"Premier checkpoint {folder} is missing {', '.join(missing)}")
+
         def unreadable(msg: str) -> CheckpointError:
             return CheckpointError(f"Premier checkpoint file {msg}")
 
@@ -114,7 +122,9 @@ class PremierModel(nn.Module):
         if verify:
             actual = model.checkpoint_id()
             if ckpt_id and actual != ckpt_id:
-                raise CheckpointError(f"Premier checkpoint {folder} is corrupt: content id {actual[:12]} != recorded {ckpt_id[:12]}")
+                raise CheckpointError(
+                    f"Premier checkpoint {folder} is corrupt: content id {actual[:12]} != recorded {ckpt_id[:12]}"
+                )
             ckpt_id = actual
         return model, ckpt_id
 
@@ -141,7 +151,9 @@ def load_user_basis(folder: str | Path) -> tuple[UserEmbeddingTable, str]:
 
 def _read_users(folder: Path, config: PremierConfig) -> tuple[UserEmbeddingTable, dict[str, str]]:
     """The training-user table of a checkpoint folder and the users file's metadata."""
-    users_state, meta = read_safetensors(folder / USERS_FILE, error=lambda msg: CheckpointError(f"Premier checkpoint file {msg}"))
+    users_state, meta = read_safetensors(
+        folder / USERS_FILE, error=lambda msg: CheckpointError(f"Premier checkpoint file {msg}")
+    )
     try:
         user_ids = json.loads(meta.get("user_ids", "[]"))
     except json.JSONDecodeError as e:

@@ -1,167 +1,43 @@
-"""The `premier` command. Heavy layers are imported inside each command so `--help` stays fast.
+"""The `premier` command: the composition root of the project's command line.
 
-Exit codes: 0 success, 2 bad input or usage, 3 a model or checkpoint that cannot be loaded,
-4 training or fitting stopped on purpose (e.g. a NaN loss; the last good checkpoint is kept).
+This module only assembles the parser and runs a command: the core commands (generate, demo,
+info) live in premier.commands, and every layer registers its own command group through a
+module-level `register(subparsers)`: premier.training.cli (data, train, fit-user), store.cli
+(users), premier.world.cli (world, eval) and serving.cli (serve). It is the one module of
+premier/ that imports serving/ and store/ (their `register` functions only), and nothing in the
+project imports it except the `premier` console entry point (and `python -m premier`) and the
+tests. The register modules import nothing heavy at import time (no torch, diffusers or ray):
+each command imports its layer when it runs, so `premier --help` stays fast.
 
-Command groups that live in other layers (training, the user store, serving) register their
-subcommands through a module-level `register(subparsers)` listed in COMMAND_MODULES; those
-modules must import nothing heavy at import time.
+Exit codes (premier.errors.exit_code, also the server's fit job's): 0 success, 2 bad input or usage, 3 a model or checkpoint
+that cannot be loaded, 4 training or fitting stopped on purpose (e.g. a NaN loss; the last good
+checkpoint is kept).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
-import os
 import sys
-from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
-from premier.quantize import QUANTIZE_MODES
+from premier.commands import register as register_core
+from premier.errors import EXIT_BAD_INPUT, EXIT_LOAD_ERROR, EXIT_STOPPED, exit_code
+from premier.logs import quiet_libraries
+from premier.training.cli import register as register_training
+from premier.world.cli import register as register_world
+from serving.cli import register as register_serving
+from store.cli import register as register_store
 
-EXIT_BAD_INPUT = 2
-EXIT_LOAD_ERROR = 3
-EXIT_STOPPED = 4
-
-COMMAND_MODULES: tuple[str, ...] = ("premier.training.cli", "store.cli", "premier.world.cli", "serving.cli")
-
-
-def _quiet_libraries() -> None:
-    import logging
-
-    # diffusers imports torchao when it is installed; on CPU-only torch builds torchao logs a warning
-    # for each CUDA extension it cannot load, and torch warns about torchao's pytree registrations.
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
+# The command groups, in the order `premier --help` lists them.
+REGISTER: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    register_core,
+    register_training,
+    register_store,
+    register_world,
+    register_serving,
+)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="PATH", help="local diffusers FLUX folder (default: the embedded tiny model)")
-    g.add_argument("--checkpoint", metavar="DIR", help="Premier checkpoint folder (default: the embedded demo checkpoint)")
-    g.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bfloat16 on GPU, float32 on CPU")
-    g.add_argument("--compile", nargs="?", const="regional", choices=["regional", "full"],
-                   help="torch.compile the transformer: 'regional' (default; per repeated block, short start-up) or 'full'")  # fmt: skip
-    g.add_argument("--quantize", choices=QUANTIZE_MODES, help="torchao weight-only quantization of the FLUX block weights")
-
-
-def _add_settings_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation (defaults depend on the model)")
-    g.add_argument("--steps", type=int, help="denoising steps")
-    g.add_argument("--height", type=int, help="image height in pixels (a multiple of 16 for FLUX, of 4 for the embedded model)")
-    g.add_argument("--width", type=int, help="image width in pixels (a multiple of 16 for FLUX, of 4 for the embedded model)")
-    g.add_argument("--guidance", type=float, help="FLUX distilled guidance scale")
-
-
-def _load_pipeline(args: argparse.Namespace):
-    import torch
-
-    from premier.pipeline import PremierPipeline
-
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    return PremierPipeline.load(
-        model=args.model, checkpoint=args.checkpoint, device=args.device, dtype=dtype,
-        compile=getattr(args, "compile", None), quantize=getattr(args, "quantize", None),
-    )  # fmt: skip
-
-
-def _settings(pipe, args: argparse.Namespace):
-    return pipe.default_settings(height=args.height, width=args.width, steps=args.steps, guidance=args.guidance)
-
-
-# ----------------------------------------------------------------------------- commands
-def cmd_generate(args: argparse.Namespace) -> int:
-    from premier.requests import GenerationRequest
-
-    pipe = _load_pipeline(args)
-    user = None if args.user in (None, "", "none") else args.user
-    result = pipe([GenerationRequest(args.prompt, _demo_users(args).get(user, user), args.seed)], _settings(pipe, args))[0]
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result.image.save(out)
-    t = result.timings
-    print(f"wrote {out} ({result.image.width}x{result.image.height}, user={user or 'none'}, seed={args.seed}, "
-          f"{t['total_s']:.2f}s)")  # fmt: skip
-    return 0
-
-
-DEMO_PROMPTS = ("a red circle in the center", "a blue square at the top left", "a yellow triangle at the bottom right")
-
-
-def _demo_users(args: argparse.Namespace) -> dict:
-    """The embedded model's fitted demo users (id -> embedding) when it runs with its own checkpoint.
-
-    They are stage-2 records over the checkpoint's training users, not rows of its table, so they
-    are materialised here, as the user store does when serving them.
-    """
-    if args.model is not None or args.checkpoint is not None:
-        return {}
-    from premier.models.embedded import build_embedded_premier, embedded_demo_records
-
-    basis = build_embedded_premier()
-    ckpt = basis.checkpoint_id()
-    return {r.user_id: r.materialise(basis.users, ckpt) for r in embedded_demo_records() if r.checkpoint_id == ckpt}
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from PIL import Image
-
-    from premier.requests import GenerationRequest
-
-    pipe = _load_pipeline(args)
-    named = _demo_users(args)
-    users = args.users.split(",") if args.users else (list(named) or pipe.user_ids)
-    users = [None if u == "none" else u for u in users] + ([None] if args.with_plain else [])
-    prompts = args.prompts or list(DEMO_PROMPTS)
-    requests = [GenerationRequest(p, named.get(u, u), args.seed) for p in prompts for u in users]
-    settings = _settings(pipe, args)
-    results = pipe(requests, settings)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    sheet = Image.new("RGB", (settings.width * len(users), settings.height * len(prompts)))
-    written = []
-    for k, res in enumerate(results):
-        i, j = divmod(k, len(users))
-        path = out / f"prompt{i}_{users[j] or 'none'}.png"
-        res.image.save(path)
-        written.append(path)
-        sheet.paste(res.image, (j * settings.width, i * settings.height))
-    sheet_path = out / "contact_sheet.png"
-    sheet.save(sheet_path)
-    t = results[0].timings
-    print(f"generated {len(results)} images ({len(prompts)} prompts x {len(users)} users) in one batch "
-          f"of {len(results)}: {t['total_s']:.2f}s ({settings.steps} steps, {settings.width}x{settings.height})")  # fmt: skip
-    print("users: " + ", ".join(u or "none (plain FLUX)" for u in users))
-    for i, p in enumerate(prompts):
-        print(f"prompt{i}: {p}")
-    print(f"images in {out.resolve()}/ (rows: prompts, columns: users): {sheet_path.resolve()}")
-    return 0
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    from premier.info import model_info, reference_info
-
-    info = reference_info() if args.reference else model_info(_load_pipeline(args))
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        for key, value in info.items():
-            print(f"{key:32s} {value:,}" if isinstance(value, int) else f"{key:32s} {value}")
-    return 0
-
-
-# ----------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="premier", description="Premier Serve: personalized text-to-image generation with FLUX."
@@ -169,42 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"premier {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-
-    p = sub.add_parser("generate", help="generate one image for a user", description="Generate one image for a user.")
-    p.add_argument("--prompt", required=True, help="text prompt")
-    p.add_argument("--user", help="user id in the checkpoint or an embedded demo user ('none' or omitted: plain FLUX)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("-o", "--output", default="out.png", help="output PNG path (default out.png)")
-    _add_settings_args(p)
-    _add_model_args(p)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser(
-        "demo",
-        help="generate several prompts for several users in one batch",
-        description="Generate every prompt for every user in one batched call and write the images and a contact sheet.",
-    )
-    p.add_argument("--out", default="premier-demo", help="output folder (default premier-demo)")
-    p.add_argument("--users", help="comma-separated user ids (default: the embedded model's demo users, or every user in the checkpoint)")
-    p.add_argument("--prompt", dest="prompts", action="append", help="a prompt (repeatable; default: three demo prompts)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed for every image (default 0)")
-    p.add_argument("--no-plain", dest="with_plain", action="store_false", help="leave out the plain-FLUX column")
-    _add_settings_args(p)
-    _add_model_args(p)
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser(
-        "info",
-        help="parameter counts, adapter bytes and bytes per user",
-        description="Print parameter counts, adapter bytes and bytes per user of a model and checkpoint.",
-    )
-    p.add_argument("--reference", action="store_true", help="sizes of the reference FLUX.1-dev configuration (no weights)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    _add_model_args(p)
-    p.set_defaults(func=cmd_info)
-
-    for module in COMMAND_MODULES:
-        importlib.import_module(module).register(sub)
+    for register in REGISTER:
+        register(sub)
     return parser
 
 
@@ -216,30 +58,19 @@ def _version() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
-    from premier.errors import (
-        CheckpointError,
-        InvalidEmbeddingError,
-        InvalidRequestError,
-        ModelLoadError,
-        TrainingError,
-    )
-
-    handlers: list[tuple[type[BaseException], int]] = [
-        (TrainingError, EXIT_STOPPED),
-        (InvalidRequestError, EXIT_BAD_INPUT),
-        (InvalidEmbeddingError, EXIT_BAD_INPUT),
-        (CheckpointError, EXIT_LOAD_ERROR),
-        (ModelLoadError, EXIT_LOAD_ERROR),
-    ]
+    quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except tuple(h for h, _ in handlers) as e:
-        code = next(c for h, c in handlers if isinstance(e, h))
+    except Exception as e:
+        code = exit_code(e)
+        if code is None:
+            raise
         print(f"premier {args.command}: error: {e}", file=sys.stderr)
         return code
 
+
+__all__ = ["main", "build_parser", "EXIT_BAD_INPUT", "EXIT_LOAD_ERROR", "EXIT_STOPPED"]
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

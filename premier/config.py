@@ -43,7 +43,15 @@ class PremierConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "double_blocks", tuple(int(i) for i in self.double_blocks))
         object.__setattr__(self, "single_blocks", tuple(int(i) for i in self.single_blocks))
-        for name in ("inner_dim", "text_dim", "num_user_tokens", "user_dim", "adapter_width", "adapter_depth", "adapter_heads"):
+        for name in (
+            "inner_dim",
+            "text_dim",
+            "num_user_tokens",
+            "user_dim",
+            "adapter_width",
+            "adapter_depth",
+            "adapter_heads",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise CheckpointError(f"PremierConfig.{name} must be positive, got {getattr(self, name)}")
         if self.adapter_width % self.adapter_heads:
@@ -66,7 +74,7 @@ class PremierConfig:
         return (self.num_user_tokens, self.user_dim)
 
     @classmethod
-    def for_transformer(cls, transformer_config: Any, **overrides: Any) -> "PremierConfig":
+    def for_transformer(cls, transformer_config: Any, **overrides: Any) -> PremierConfig:
         """A config sized for a diffusers `FluxTransformer2DModel` config (all double blocks modulated)."""
         inner = transformer_config.num_attention_heads * transformer_config.attention_head_dim
         values: dict[str, Any] = dict(
@@ -84,7 +92,9 @@ class PremierConfig:
         if self.inner_dim != inner:
             problems.append(f"inner_dim {self.inner_dim} != transformer inner dim {inner}")
         if self.text_dim != transformer_config.joint_attention_dim:
-            problems.append(f"text_dim {self.text_dim} != transformer joint_attention_dim {transformer_config.joint_attention_dim}")
+            problems.append(
+                f"text_dim {self.text_dim} != transformer joint_attention_dim {transformer_config.joint_attention_dim}"
+            )
         bad = [i for i in self.double_blocks if i >= transformer_config.num_layers]
         if bad:
             problems.append(f"double_blocks {bad} out of range (the transformer has {transformer_config.num_layers})")
@@ -103,7 +113,7 @@ class PremierConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PremierConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PremierConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -119,7 +129,7 @@ class PremierConfig:
         return path
 
     @classmethod
-    def load(cls, folder: str | Path) -> "PremierConfig":
+    def load(cls, folder: str | Path) -> PremierConfig:
         path = Path(folder) / CONFIG_NAME
         if not path.is_file():
             raise CheckpointError(f"{path} is missing: not a Premier checkpoint folder")
@@ -133,4 +143,3 @@ class PremierConfig:
             return cls.from_dict(data)
         except TypeError as e:
             raise CheckpointError(f"{path}: {e}") from e
-

@@ -1,4 +1,5 @@
-"""Error types that front ends map to user-facing answers (CLI exit codes, HTTP 4xx, gRPC codes)."""
+"""Error types that front ends map to user-facing answers: CLI exit codes (`exit_code`, here), HTTP and gRPC
+statuses (serving/protocol.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ class InvalidRequestError(PremierError, ValueError):
         self.field = field
         self.message = message
 
-    def located(self, prefix: str) -> "InvalidRequestError":
+    def located(self, prefix: str) -> InvalidRequestError:
         """The same error (same type) with its field placed inside a batch, e.g. 'requests[3].'."""
         self.field = prefix + self.field
         self.args = (f"{self.field}: {self.message}",)
@@ -61,3 +62,22 @@ class CheckpointMismatchError(CheckpointError):
 
 class TrainingError(PremierError, RuntimeError):
     """Training or fitting stopped on purpose (a NaN loss, a dataset that cannot be used)."""
+
+
+EXIT_BAD_INPUT = 2
+EXIT_LOAD_ERROR = 3
+EXIT_STOPPED = 4
+
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (TrainingError, EXIT_STOPPED),
+    (InvalidRequestError, EXIT_BAD_INPUT),
+    (InvalidEmbeddingError, EXIT_BAD_INPUT),
+    (CheckpointError, EXIT_LOAD_ERROR),
+    (ModelLoadError, EXIT_LOAD_ERROR),
+)
+"""Error type -> exit code; the first match wins."""
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit code of an error a command reports in one line, or None for any other (a bug: let it raise)."""
+    return next((code for kind, code in EXIT_CODES if isinstance(error, kind)), None)

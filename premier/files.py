@@ -51,12 +51,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def read_safetensors(path: str | Path, error: Callable[[str], Exception]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(
+    path: str | Path, error: Callable[[str], Exception]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, string metadata) of a safetensors file. A missing, truncated or foreign file raises
     `error("<path> is unreadable: <why>")`, so each caller words it as its own error type."""
     try:

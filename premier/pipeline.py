@@ -25,7 +25,14 @@ from premier.checkpoint import PremierModel
 from premier.errors import InvalidRequestError
 from premier.models.embedded import build_embedded_flux, build_embedded_premier
 from premier.models.loading import ModelProfile, load_flux_folder, profile_for
-from premier.requests import GenerationRequest, GenerationResult, GenerationSettings
+from premier.requests import (
+    GenerationRequest,
+    GenerationResult,
+    GenerationSettings,
+    PreparedBatch,
+    check_prompt_tokens,
+    count_prompt_tokens,
+)
 from premier.transformer import PremierTransformer
 from premier.users import validate_user_embedding
 
@@ -97,7 +104,7 @@ class PremierPipeline:
         text_cache_size: int = 256,
         compile: bool | str | None = None,
         quantize: str | None = None,
-    ) -> "PremierPipeline":
+    ) -> PremierPipeline:
         """`model=None` is the embedded tiny model (with its demo checkpoint unless `checkpoint` is given).
 
         compile: True or 'regional' (per repeated block, short start-up) or 'full'; quantize: 'int8',
@@ -124,7 +131,7 @@ class PremierPipeline:
 
     def optimize(
         self, compile: bool | str | None = None, quantize: str | None = None, **compile_kwargs
-    ) -> "PremierPipeline":
+    ) -> PremierPipeline:
         """Quantize the FLUX block weights (torchao) and/or compile the transformer, in place; returns self.
 
         Quantization comes first so that the compiled graphs see the quantized weights. Compilation
@@ -164,34 +171,40 @@ class PremierPipeline:
 
     # ----------------------------------------------------------------- validation
     def count_tokens(self, prompt: str) -> int:
-        return len(self.flux_pipe.tokenizer_2(prompt, truncation=False).input_ids)
+        return count_prompt_tokens(self.flux_pipe.tokenizer_2, prompt)
 
-    def validate(
-        self, requests: Sequence[GenerationRequest], settings: GenerationSettings
-    ) -> list[torch.Tensor | None]:
-        """Raise InvalidRequestError (naming the field and, in a batch, the request) for the first bad input.
+    def prepare(
+        self, requests: Sequence[GenerationRequest], settings: GenerationSettings, checked: bool = False
+    ) -> PreparedBatch:
+        """Validate a batch once and resolve each request's user tokens: what `__call__` runs.
 
-        Returns each request's user tokens (N, U) on the pipeline's device, or None for plain FLUX.
+        Raises InvalidRequestError (naming the field and, in a batch, the request) for the first bad
+        input. `checked=True` is for requests a front end already validated (settings, prompt, seed
+        and token count, as the server's ingress does): only the users are resolved and checked.
         """
         if not requests:
             raise InvalidRequestError("requests", "the batch is empty")
-        settings.validate(self.profile)
+        if not checked:
+            settings.validate(self.profile)
         tokens = []
         for i, req in enumerate(requests):
             where = f"requests[{i}]." if len(requests) > 1 else ""
             try:
-                req.validate_basic()
-                n = self.count_tokens(req.prompt)
-                if n > self.profile.max_sequence_length:
-                    raise InvalidRequestError(
-                        "prompt", f"has {n} tokens; this model accepts at most {self.profile.max_sequence_length}"
-                    )
+                if not checked:
+                    req.validate_basic()
+                    check_prompt_tokens(self.flux_pipe.tokenizer_2, req.prompt, self.profile.max_sequence_length)
                 tokens.append(self._user_tokens(req.user))
             except InvalidRequestError as e:
                 raise e.located(where) from None
             except ValueError as e:  # InvalidEmbeddingError
                 raise InvalidRequestError(where + "user", str(e)) from None
-        return tokens
+        return PreparedBatch(list(requests), settings, tokens)
+
+    def validate(
+        self, requests: Sequence[GenerationRequest], settings: GenerationSettings
+    ) -> list[torch.Tensor | None]:
+        """Each request's user tokens (N, U) on the pipeline's device, or None; raises on the first bad input."""
+        return self.prepare(requests, settings).user_tokens
 
     def _user_tokens(self, user: str | torch.Tensor | None) -> torch.Tensor | None:
         if user is None:
@@ -239,15 +252,22 @@ class PremierPipeline:
     @torch.inference_mode()
     def __call__(
         self,
-        requests: Sequence[GenerationRequest],
+        requests: Sequence[GenerationRequest] | PreparedBatch,
         settings: GenerationSettings | None = None,
         output_type: str = "pil",
     ) -> list[GenerationResult]:
-        """Generate one image per request. All requests share `settings`; users and prompts may differ."""
-        settings = settings or self.default_settings()
-        user_tokens = self.validate(requests, settings)
+        """Generate one image per request. All requests share `settings`; users and prompts may differ.
+
+        `requests` may be a `PreparedBatch` (from `prepare`), which is not validated again.
+        """
         if output_type not in ("pil", "np"):
             raise InvalidRequestError("output_type", f"{output_type!r} is not 'pil' or 'np'")
+        batch = (
+            requests
+            if isinstance(requests, PreparedBatch)
+            else self.prepare(requests, settings or self.default_settings())
+        )
+        requests, settings, user_tokens = batch.requests, batch.settings, batch.user_tokens
         pipe, device = self.flux_pipe, self.device
         timings: dict[str, float] = {"batch_size": float(len(requests))}
         clock = _Clock(device)
@@ -259,16 +279,24 @@ class PremierPipeline:
 
         generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
         latents, image_ids = pipe.prepare_latents(
-            len(requests), pipe.transformer.config.in_channels // 4, settings.height, settings.width,
-            torch.float32, device, generators,
-        )  # fmt: skip
+            len(requests),
+            pipe.transformer.config.in_channels // 4,
+            settings.height,
+            settings.width,
+            torch.float32,
+            device,
+            generators,
+        )
         latents = latents.to(self.dtype)
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
         sched_cfg = scheduler.config
         mu = calculate_shift(
-            latents.shape[1], sched_cfg.get("base_image_seq_len", 256), sched_cfg.get("max_image_seq_len", 4096),
-            sched_cfg.get("base_shift", 0.5), sched_cfg.get("max_shift", 1.15),
-        )  # fmt: skip
+            latents.shape[1],
+            sched_cfg.get("base_image_seq_len", 256),
+            sched_cfg.get("max_image_seq_len", 4096),
+            sched_cfg.get("base_shift", 0.5),
+            sched_cfg.get("max_shift", 1.15),
+        )
         sigmas = np.linspace(1.0, 1 / settings.steps, settings.steps)
         timesteps, _ = retrieve_timesteps(scheduler, settings.steps, device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)

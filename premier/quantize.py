@@ -97,4 +97,6 @@ def weight_bytes(module: nn.Module) -> int:
     """Bytes held by parameters and buffers, counting quantized tensors by their packed storage."""
     import torch.nn as nn
 
-    return sum(_tensor_bytes(t.data if isinstance(t, nn.Parameter) else t) for t in [*module.parameters(), *module.buffers()])
+    return sum(
+        _tensor_bytes(t.data if isinstance(t, nn.Parameter) else t) for t in [*module.parameters(), *module.buffers()]
+    )

@@ -27,7 +27,7 @@ class GenerationSettings:
     steps: int
     guidance: float
 
-    def validate(self, profile: ModelProfile) -> "GenerationSettings":
+    def validate(self, profile: ModelProfile) -> GenerationSettings:
         for name in ("height", "width"):
             v = getattr(self, name)
             _check_int(name, v)
@@ -58,7 +58,7 @@ class GenerationRequest:
             return self.user
         return "<embedding>"
 
-    def validate_basic(self) -> "GenerationRequest":
+    def validate_basic(self) -> GenerationRequest:
         """Checks that need no model: types, prompt not empty, seed range, user id syntax."""
         if not isinstance(self.prompt, str):
             raise InvalidRequestError("prompt", f"must be a string, got {type(self.prompt).__name__}")
@@ -72,8 +72,40 @@ class GenerationRequest:
         if isinstance(self.user, str):
             validate_user_id(self.user)
         elif self.user is not None and not isinstance(self.user, torch.Tensor):
-            raise InvalidRequestError("user", f"must be a user id, an embedding tensor or None, not {type(self.user).__name__}")
+            raise InvalidRequestError(
+                "user", f"must be a user id, an embedding tensor or None, not {type(self.user).__name__}"
+            )
         return self
+
+
+@dataclass
+class PreparedBatch:
+    """Requests that passed validation once, with their user tokens (N, U) or None: what the denoising loop runs."""
+
+    requests: list[GenerationRequest]
+    settings: GenerationSettings
+    user_tokens: list[torch.Tensor | None]
+
+    @classmethod
+    def merge(cls, batches: list[PreparedBatch]) -> PreparedBatch:
+        """One batch from several prepared with the same settings (a server batches requests prepared one by one)."""
+        settings = batches[0].settings
+        if any(b.settings != settings for b in batches):
+            raise ValueError("only batches with the same settings can be merged")
+        return cls([r for b in batches for r in b.requests], settings, [t for b in batches for t in b.user_tokens])
+
+
+def count_prompt_tokens(tokenizer: Any, prompt: str) -> int:
+    """T5 tokens of a prompt (the model's own tokenizer, no truncation)."""
+    return len(tokenizer(prompt, truncation=False).input_ids)
+
+
+def check_prompt_tokens(tokenizer: Any, prompt: str, limit: int) -> int:
+    """The token count, or InvalidRequestError when the model would have to truncate the prompt."""
+    n = count_prompt_tokens(tokenizer, prompt)
+    if n > limit:
+        raise InvalidRequestError("prompt", f"has {n} tokens; this model accepts at most {limit}")
+    return n
 
 
 @dataclass

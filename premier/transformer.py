@@ -71,8 +71,12 @@ def modulated_double_block_forward(
 
     # Text stream: per-token modulation.
     encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_msa, context_attn_output)
-    norm_encoder_hidden_states = adaln_modulate(encoder_hidden_states, c_scale_mlp, c_shift_mlp, eps=block.norm2_context.eps)
-    encoder_hidden_states = gated_residual(encoder_hidden_states, c_gate_mlp, block.ff_context(norm_encoder_hidden_states))
+    norm_encoder_hidden_states = adaln_modulate(
+        encoder_hidden_states, c_scale_mlp, c_shift_mlp, eps=block.norm2_context.eps
+    )
+    encoder_hidden_states = gated_residual(
+        encoder_hidden_states, c_gate_mlp, block.ff_context(norm_encoder_hidden_states)
+    )
     return _clip_fp16(encoder_hidden_states), hidden_states
 
 
@@ -193,9 +197,15 @@ class PremierTransformer(nn.Module):
                     )
                 else:
                     encoder_hidden_states, hidden_states = self._run(
-                        modulated_forward, block, hidden_states, encoder_hidden_states, temb, text_deltas[:, slot],
-                        image_rotary_emb, joint_attention_kwargs,
-                    )  # fmt: skip
+                        modulated_forward,
+                        block,
+                        hidden_states,
+                        encoder_hidden_states,
+                        temb,
+                        text_deltas[:, slot],
+                        image_rotary_emb,
+                        joint_attention_kwargs,
+                    )
 
         hidden_states = flux.norm_out(hidden_states, temb)
         return flux.proj_out(hidden_states)

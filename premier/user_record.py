@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 import torch
 
-from premier.files import atomic_save_safetensors, read_safetensors
 from premier.config import PremierConfig
 from premier.errors import CheckpointMismatchError, InvalidEmbeddingError, InvalidRequestError
+from premier.files import atomic_save_safetensors, read_safetensors
 from premier.users import UserEmbeddingTable, validate_user_embedding, validate_user_id
 
 RecordMode = Literal["coefficients", "direct"]
@@ -51,7 +51,9 @@ class UserRecord:
         if self.mode not in MODES:
             raise InvalidRequestError("mode", f"must be one of {', '.join(MODES)}, got {self.mode!r}")
         if not is_checkpoint_id(self.checkpoint_id):
-            raise InvalidRequestError("checkpoint_id", f"must be a 64-character hex SHA-256, got {self.checkpoint_id!r}")
+            raise InvalidRequestError(
+                "checkpoint_id", f"must be a 64-character hex SHA-256, got {self.checkpoint_id!r}"
+            )
         v = self.vector
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
             raise InvalidEmbeddingError(f"user {self.user_id!r}: the {self.mode} must be a floating-point tensor")
@@ -96,7 +98,7 @@ class UserRecord:
         with torch.no_grad():
             return basis.materialise(self.vector)
 
-    def touched(self, **changes: Any) -> "UserRecord":
+    def touched(self, **changes: Any) -> UserRecord:
         """A copy with changes and a fresh updated_at (created_at kept)."""
         return replace(self, **changes, updated_at=time.time())
 
@@ -119,9 +121,11 @@ class UserRecord:
         return path
 
     @classmethod
-    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str = "record") -> "UserRecord":
+    def from_parts(cls, tensors: dict[str, torch.Tensor], meta: dict[str, str], source: str = "record") -> UserRecord:
         if meta.get("format") != RECORD_FORMAT:
-            raise InvalidRequestError("record", f"{source} is not a Premier user record (format {meta.get('format')!r})")
+            raise InvalidRequestError(
+                "record", f"{source} is not a Premier user record (format {meta.get('format')!r})"
+            )
         mode = meta.get("mode", "")
         if mode not in MODES:
             raise InvalidRequestError("record", f"{source} has unknown mode {mode!r}")
@@ -136,7 +140,7 @@ class UserRecord:
         return cls(meta.get("user_id", ""), mode, tensors[name], meta.get("checkpoint_id", ""), fit, created, updated)  # type: ignore[arg-type]
 
     @classmethod
-    def load(cls, path: str | Path) -> "UserRecord":
+    def load(cls, path: str | Path) -> UserRecord:
         path = Path(path)
         if not path.is_file():
             raise InvalidRequestError("record", f"user record {path} does not exist")

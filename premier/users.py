@@ -34,7 +34,9 @@ def validate_user_id(user_id: object) -> str:
     return user_id
 
 
-def validate_user_embedding(embedding: torch.Tensor, config: PremierConfig, name: str = "user embedding") -> torch.Tensor:
+def validate_user_embedding(
+    embedding: torch.Tensor, config: PremierConfig, name: str = "user embedding"
+) -> torch.Tensor:
     """Shape (N, U) or (B, N, U) as the config says, and every value finite."""
     if not isinstance(embedding, torch.Tensor):
         raise InvalidEmbeddingError(f"{name} must be a tensor, got {type(embedding).__name__}")

@@ -16,27 +16,6 @@ from serving.config import ServeConfig, build_config
 from serving.fitting import STORE_RESOURCE_SHARE
 
 
-def prepare_store(config: ServeConfig) -> int:
-    """Create the store if needed; on the embedded model and checkpoint, seed an empty store with the demo users.
-
-    The ingress runs it when it starts (it is the store's one serving opener, on the store's node, and
-    one replica: one writer), before it opens the store for lookups. The checkpoint is read light
-    (its user basis and id). Returns the number of users put.
-    """
-    from serving.users import load_basis
-    from store.user_store import UserStore
-
-    if not config.has_users:
-        return 0
-    basis, ckpt = load_basis(config.checkpoint)
-    with UserStore(config.store, basis, ckpt, create=True) as store:
-        if config.model is None and config.checkpoint is None and config.seed_demo_users and len(store) == 0:
-            from premier.models.embedded import embedded_demo_records
-
-            return store.put_many(r for r in embedded_demo_records() if r.checkpoint_id == store.checkpoint_id)
-    return 0
-
-
 def generator_options(config: ServeConfig) -> dict[str, Any]:
     """`.options()` of the Generator deployment: a fixed replica count, or Ray Serve autoscaling within
     `generator_autoscaling`'s bounds. Separate from `build` so that tests check them without Ray."""
@@ -89,4 +68,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     return build(config)
 
 
-__all__ = ["build", "build_app", "prepare_store", "generator_options", "ingress_options"]
+__all__ = ["build", "build_app", "generator_options", "ingress_options"]

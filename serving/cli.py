@@ -26,8 +26,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", metavar="FILE", help="Ray Serve config file or plain YAML of ServeConfig fields")
     g = p.add_argument_group("model and users")
     g.add_argument("--model", metavar="PATH", help="local diffusers FLUX folder (default: the embedded tiny model)")
-    g.add_argument("--checkpoint", metavar="DIR", help="Premier checkpoint folder (default: the embedded demo checkpoint)")
-    g.add_argument("--store", metavar="DIR", help="user store folder (default premier-store; seeded with the demo users on the embedded model)")
+    g.add_argument(
+        "--checkpoint", metavar="DIR", help="Premier checkpoint folder (default: the embedded demo checkpoint)"
+    )
+    g.add_argument(
+        "--store",
+        metavar="DIR",
+        help="user store folder (default premier-store; seeded with the demo users on the embedded model)",
+    )
     g.add_argument("--device", help="torch device of the generators")
     g = p.add_argument_group("capacity")
     g.add_argument("--replicas", dest="generator_replicas", type=int, help="generator replicas")
@@ -40,19 +46,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--host", help="listen address (default from the config file: 127.0.0.1)")
     g.add_argument("--http-port", type=int, help="HTTP port (default 8000; 0: a free port)")
     g.add_argument("--grpc-port", type=int, help="gRPC port (default 9000; 0: a free port)")
-    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but health (or PREMIER_SERVE_API_KEY)")
+    g.add_argument(
+        "--api-key", help="require 'Authorization: Bearer KEY' on every route but health (or PREMIER_SERVE_API_KEY)"
+    )
     g.add_argument("--address", help="an existing Ray cluster to join (default: start a local one)")
-    g.add_argument("--no-dashboard", dest="dashboard", action="store_false",
-                   help="do not start Ray's dashboard (it hosts the Jobs API, so fitting is unavailable)")  # fmt: skip
+    g.add_argument(
+        "--no-dashboard",
+        dest="dashboard",
+        action="store_false",
+        help="do not start Ray's dashboard (it hosts the Jobs API, so fitting is unavailable)",
+    )
     p.add_argument("--check-config", action="store_true", help="validate and print the configuration, start nothing")
-    p.add_argument("--demo", metavar="DIR", help="start on free ports with a fresh store, send requests for several users "
-                   "over HTTP and gRPC, write the images and a contact sheet to DIR, stop")  # fmt: skip
+    p.add_argument(
+        "--demo",
+        metavar="DIR",
+        help="start on free ports with a fresh store, send requests for several users "
+        "over HTTP and gRPC, write the images and a contact sheet to DIR, stop",
+    )
     p.set_defaults(func=cmd_serve)
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    keys = ("model", "checkpoint", "store", "device", "generator_replicas", "num_gpus", "num_cpus", "max_batch_size",
-            "max_queued_requests", "api_key")  # fmt: skip
+    keys = (
+        "model",
+        "checkpoint",
+        "store",
+        "device",
+        "generator_replicas",
+        "num_gpus",
+        "num_cpus",
+        "max_batch_size",
+        "max_queued_requests",
+        "api_key",
+    )
     out = {k: getattr(args, k) for k in keys}
     if args.batch_wait_ms is not None:
         out["batch_wait_timeout_s"] = args.batch_wait_ms / 1000
@@ -64,7 +90,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import ServerSession
 
     config, options = load_config(args.config, _overrides(args))
-    updates = {k: v for k, v in (("host", args.host), ("http_port", args.http_port), ("grpc_port", args.grpc_port)) if v is not None}
+    updates = {
+        k: v
+        for k, v in (("host", args.host), ("http_port", args.http_port), ("grpc_port", args.grpc_port))
+        if v is not None
+    }
     options = options.model_copy(update=updates)
     if args.check_config:
         print(describe(config, options))
@@ -75,8 +105,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return run_demo(args.demo, config, options, explicit_store=args.store is not None, address=args.address)
     print(describe(config, options), flush=True)
     with ServerSession(config, options, address=args.address, dashboard=args.dashboard) as session:
-        print(f"premier serve: HTTP {session.http_url} (OpenAPI {session.http_url}/docs), "
-              f"gRPC {session.grpc_target} (KServe v2), metrics {session.http_url}/metrics; Ctrl-C to stop", flush=True)  # fmt: skip
+        print(
+            f"premier serve: HTTP {session.http_url} (OpenAPI {session.http_url}/docs), "
+            f"gRPC {session.grpc_target} (KServe v2), metrics {session.http_url}/metrics; Ctrl-C to stop",
+            flush=True,
+        )
         session.serve_forever()
     print("premier serve: stopped", flush=True)
     return 0

@@ -18,16 +18,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from premier.errors import InvalidRequestError
 from premier.quantize import QUANTIZE_MODES
-
 from serving.fitting import FitSettings
-
 
 ENV_PREFIX = "PREMIER_SERVE_"
 APP_NAME = "premier"
@@ -46,17 +44,31 @@ class GeneratorAutoscaling(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    min_replicas: int = Field(1, ge=1, le=1024, description="replicas kept when idle; at least 1: a replica loads "
-                              "the model for minutes, longer than a request waits (request_timeout_s)")  # fmt: skip
+    min_replicas: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="replicas kept when idle; at least 1: a replica loads "
+        "the model for minutes, longer than a request waits (request_timeout_s)",
+    )
     max_replicas: int = Field(..., ge=1, le=1024, description="most replicas; sizes the ingress's admission bound")
-    target_ongoing_requests: Optional[float] = Field(None, gt=0, description="requests in flight per replica the "
-                                                     "autoscaler aims at (default: two batches, 2 x max_batch_size)")  # fmt: skip
-    upscale_delay_s: Optional[float] = Field(None, ge=0, description="load must stay high this long before a scale-up (Ray's default: 30)")
-    downscale_delay_s: Optional[float] = Field(None, ge=0, description="load must stay low this long before a scale-down "
-                                               "(Ray's default: 600; keep it long, a replica is slow to start)")  # fmt: skip
+    target_ongoing_requests: float | None = Field(
+        None,
+        gt=0,
+        description="requests in flight per replica the autoscaler aims at (default: two batches, 2 x max_batch_size)",
+    )
+    upscale_delay_s: float | None = Field(
+        None, ge=0, description="load must stay high this long before a scale-up (Ray's default: 30)"
+    )
+    downscale_delay_s: float | None = Field(
+        None,
+        ge=0,
+        description="load must stay low this long before a scale-down "
+        "(Ray's default: 600; keep it long, a replica is slow to start)",
+    )
 
     @model_validator(mode="after")
-    def _ordered(self) -> "GeneratorAutoscaling":
+    def _ordered(self) -> GeneratorAutoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})")
         return self
@@ -67,34 +79,52 @@ class ServeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    model: Optional[str] = Field(None, description="local diffusers FLUX folder; null: the embedded tiny model")
-    checkpoint: Optional[str] = Field(None, description="Premier checkpoint folder; null: the embedded demo checkpoint")
-    store: str = Field("premier-store", description="user store folder (created and, on the embedded model, seeded with its demo users)")
+    model: str | None = Field(None, description="local diffusers FLUX folder; null: the embedded tiny model")
+    checkpoint: str | None = Field(None, description="Premier checkpoint folder; null: the embedded demo checkpoint")
+    store: str = Field(
+        "premier-store",
+        description="user store folder (created and, on the embedded model, seeded with its demo users)",
+    )
     seed_demo_users: bool = Field(True, description="on the embedded model, put its demo users into an empty store")
-    device: Optional[str] = Field(None, description="torch device of the generators (default: cuda if available)")
-    dtype: Optional[str] = Field(None, pattern="^(float32|bfloat16|float16)$")
-    compile: Optional[str] = Field(None, pattern="^(regional|full)$")
-    quantize: Optional[str] = Field(None, description=f"torchao quantization of the FLUX blocks: {', '.join(QUANTIZE_MODES)}")
+    device: str | None = Field(None, description="torch device of the generators (default: cuda if available)")
+    dtype: str | None = Field(None, pattern="^(float32|bfloat16|float16)$")
+    compile: str | None = Field(None, pattern="^(regional|full)$")
+    quantize: str | None = Field(
+        None, description=f"torchao quantization of the FLUX blocks: {', '.join(QUANTIZE_MODES)}"
+    )
 
     generator_replicas: int = Field(1, ge=1, le=1024, description="a fixed number of generator replicas")
-    generator_autoscaling: Optional[GeneratorAutoscaling] = Field(
-        None, description="instead of generator_replicas (exclusive): Ray Serve autoscaling between min_replicas and max_replicas")
+    generator_autoscaling: GeneratorAutoscaling | None = Field(
+        None,
+        description="instead of generator_replicas (exclusive): Ray Serve autoscaling between min_replicas and max_replicas",
+    )
     num_gpus: float = Field(0.0, ge=0, description="GPUs per generator replica")
     num_cpus: float = Field(1.0, ge=0, description="CPUs per generator replica")
-    torch_threads: Optional[int] = Field(None, ge=1, description="torch intra-op threads per generator (default: torch's)")
+    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per generator (default: torch's)")
     max_batch_size: int = Field(8, ge=1, le=256, description="requests per forward")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, le=10,
-                                        description="how long a new batch waits to fill (under load batches fill while the previous one runs)")
-    max_queued_requests: int = Field(16, ge=1, le=100_000,
-                                     description="generation requests admitted but not yet running, per ingress; above it: 503")  # fmt: skip
+    batch_wait_timeout_s: float = Field(
+        0.002,
+        ge=0,
+        le=10,
+        description="how long a new batch waits to fill (under load batches fill while the previous one runs)",
+    )
+    max_queued_requests: int = Field(
+        16, ge=1, le=100_000, description="generation requests admitted but not yet running, per ingress; above it: 503"
+    )
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a 503")
     request_timeout_s: float = Field(120.0, gt=0, description="longest a generation may take before a 503")
-    store_cache_size: int = Field(1024, ge=0, description="materialised user embeddings cached by the ingress (it resolves users)")
-    store_resource: Optional[str] = Field(
-        None, pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
+    store_cache_size: int = Field(
+        1024, ge=0, description="materialised user embeddings cached by the ingress (it resolves users)"
+    )
+    store_resource: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$",
         description="Ray custom resource that only the store's node (the head) advertises, e.g. premier_store: the ingress "
-        "and fit-job drivers (the store's only openers) request a sliver of it; null: no placement constraint")
-    api_key: Optional[SecretStr] = Field(None, description="if set, every route but health needs 'Authorization: Bearer <key>'")
+        "and fit-job drivers (the store's only openers) request a sliver of it; null: no placement constraint",
+    )
+    api_key: SecretStr | None = Field(
+        None, description="if set, every route but health needs 'Authorization: Bearer <key>'"
+    )
     fitting: FitSettings = Field(default_factory=FitSettings)
 
     @field_validator("quantize")
@@ -106,15 +136,17 @@ class ServeConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _one_replica_setting(self) -> "ServeConfig":
+    def _one_replica_setting(self) -> ServeConfig:
         auto = self.generator_autoscaling
         if auto is None:
             return self
         if "generator_replicas" in self.model_fields_set:
             raise ValueError("generator_replicas (a fixed count) and generator_autoscaling are exclusive: set one")
         if auto.target_ongoing_requests is not None and auto.target_ongoing_requests > self.generator_max_ongoing:
-            raise ValueError(f"generator_autoscaling.target_ongoing_requests ({auto.target_ongoing_requests:g}) exceeds what a "
-                             f"replica takes at once (4 x max_batch_size = {self.generator_max_ongoing}): it would never be reached")  # fmt: skip
+            raise ValueError(
+                f"generator_autoscaling.target_ongoing_requests ({auto.target_ongoing_requests:g}) exceeds what a "
+                f"replica takes at once (4 x max_batch_size = {self.generator_max_ongoing}): it would never be reached"
+            )
         return self
 
     @field_validator("api_key")
@@ -191,7 +223,7 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
-        path = key[len(ENV_PREFIX):].lower().split("__")
+        path = key[len(ENV_PREFIX) :].lower().split("__")
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
@@ -239,17 +271,24 @@ def split_serve_file(data: dict[str, Any], source: str = "config") -> tuple[dict
             continue
         clash = sorted({"num_replicas", "autoscaling_config"} & set(dep))
         if clash:
-            raise InvalidRequestError("config", f"{source}: deployments[Generator].{clash[0]} would override the app's replica "
-                                      "settings unseen by its admission bound; set generator_replicas or generator_autoscaling "
-                                      "in the application's args instead")  # fmt: skip
+            raise InvalidRequestError(
+                "config",
+                f"{source}: deployments[Generator].{clash[0]} would override the app's replica "
+                "settings unseen by its admission bound; set generator_replicas or generator_autoscaling "
+                "in the application's args instead",
+            )
     http, grpc = data.get("http_options") or {}, data.get("grpc_options") or {}
-    server = {k: v for k, v in (("host", http.get("host")), ("http_port", http.get("port")),
-                                ("grpc_port", grpc.get("port"))) if v is not None}  # fmt: skip
+    server = {
+        k: v
+        for k, v in (("host", http.get("host")), ("http_port", http.get("port")), ("grpc_port", grpc.get("port")))
+        if v is not None
+    }
     return dict(app.get("args") or {}), server
 
 
-def build_config(values: dict[str, Any], environ: dict[str, str] | None = None,
-                 overrides: dict[str, Any] | None = None) -> ServeConfig:  # fmt: skip
+def build_config(
+    values: dict[str, Any], environ: dict[str, str] | None = None, overrides: dict[str, Any] | None = None
+) -> ServeConfig:
     """Validate `values`, then the environment's PREMIER_SERVE_* (default os.environ), then `overrides` (None
     values skipped); a bad field raises InvalidRequestError naming it."""
     merged = _merge(values, _env_overrides(dict(os.environ) if environ is None else environ))
@@ -262,8 +301,9 @@ def build_config(values: dict[str, Any], environ: dict[str, str] | None = None,
         raise InvalidRequestError(field, err["msg"].removeprefix("Value error, ")) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                environ: dict[str, str] | None = None) -> tuple[ServeConfig, ServerOptions]:  # fmt: skip
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, environ: dict[str, str] | None = None
+) -> tuple[ServeConfig, ServerOptions]:
     """Config file (Ray Serve format or plain; default: the packaged one), then environment, then explicit overrides."""
     source = Path(path) if path is not None else PACKAGED_SERVE_CONFIG
     args, server = split_serve_file(read_yaml(source), str(source))
@@ -283,5 +323,18 @@ def describe(config: ServeConfig, options: ServerOptions | None = None) -> str:
     return json.dumps(data, indent=2, sort_keys=True)
 
 
-__all__ = ["ServeConfig", "GeneratorAutoscaling", "ServerOptions", "FitSettings", "load_config", "build_config", "describe",
-           "split_serve_file", "read_yaml", "APP_NAME", "MODEL_NAME", "PACKAGED_SERVE_CONFIG", "GRPC_SERVICER"]  # fmt: skip
+__all__ = [
+    "ServeConfig",
+    "GeneratorAutoscaling",
+    "ServerOptions",
+    "FitSettings",
+    "load_config",
+    "build_config",
+    "describe",
+    "split_serve_file",
+    "read_yaml",
+    "APP_NAME",
+    "MODEL_NAME",
+    "PACKAGED_SERVE_CONFIG",
+    "GRPC_SERVICER",
+]

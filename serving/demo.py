@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from premier.cli import DEMO_PROMPTS
+from premier.models.embedded import DEMO_PROMPTS
 from serving.config import MODEL_NAME, ServeConfig, ServerOptions
 
 
@@ -29,8 +29,12 @@ def http_generate(url: str, headers: dict[str, str], prompt: str, user: str | No
     import requests
     from PIL import Image
 
-    r = requests.post(url + "/v1/generate", json={"prompt": prompt, "user_id": user, "seed": seed, "format": "json"},
-                      headers=headers, timeout=300)  # fmt: skip
+    r = requests.post(
+        url + "/v1/generate",
+        json={"prompt": prompt, "user_id": user, "seed": seed, "format": "json"},
+        headers=headers,
+        timeout=300,
+    )
     if r.status_code != 200:
         raise RuntimeError(f"HTTP {r.status_code}: {r.text}")
     body = r.json()
@@ -42,9 +46,11 @@ def grpc_generate(client: Any, prompt: str, user: str | None, seed: int, headers
     import tritonclient.grpc as tg
 
     inputs = []
-    for name, dtype, value in (("PROMPT", "BYTES", np.array([prompt.encode()], dtype=object)),
-                               ("USER_ID", "BYTES", np.array([(user or "").encode()], dtype=object)),
-                               ("SEED", "INT64", np.array([seed], dtype=np.int64))):  # fmt: skip
+    for name, dtype, value in (
+        ("PROMPT", "BYTES", np.array([prompt.encode()], dtype=object)),
+        ("USER_ID", "BYTES", np.array([(user or "").encode()], dtype=object)),
+        ("SEED", "INT64", np.array([seed], dtype=np.int64)),
+    ):
         t = tg.InferInput(name, [1], dtype)
         t.set_data_from_numpy(value)
         inputs.append(t)
@@ -61,8 +67,15 @@ def demo_users(config: ServeConfig) -> list[str]:
     return [r.user_id for r in embedded_demo_records()]
 
 
-def run_demo(out: str | Path, config: ServeConfig, options: ServerOptions, *, explicit_store: bool = False,
-             address: str | None = None, seed: int = 0) -> int:  # fmt: skip
+def run_demo(
+    out: str | Path,
+    config: ServeConfig,
+    options: ServerOptions,
+    *,
+    explicit_store: bool = False,
+    address: str | None = None,
+    seed: int = 0,
+) -> int:
     import tritonclient.grpc as tg
     from PIL import Image
 
@@ -94,7 +107,7 @@ def run_demo(out: str | Path, config: ServeConfig, options: ServerOptions, *, ex
             grpc = [grpc_generate(client, DEMO_PROMPTS[0], u, seed, headers) for u in columns]
             grpc_s = time.perf_counter() - t2
             client.close()
-        print(f"premier serve --demo: server stopped", flush=True)
+        print("premier serve --demo: server stopped", flush=True)
 
     h, w = http[0]["array"].shape[:2]
     sheet = Image.new("RGB", (w * len(columns), h * len(DEMO_PROMPTS)))
@@ -104,26 +117,51 @@ def run_demo(out: str | Path, config: ServeConfig, options: ServerOptions, *, ex
         name = f"http_prompt{i}_{user or 'none'}.png"
         Image.fromarray(res["array"]).save(out / name)
         sheet.paste(Image.fromarray(res["array"]), (j * w, i * h))
-        summary.append({"file": name, "protocol": "http", "prompt": prompt, "user_id": user, "seed": res["seed"],
-                        "batch_size": res["batch_size"], "timings": res["timings"]})  # fmt: skip
+        summary.append(
+            {
+                "file": name,
+                "protocol": "http",
+                "prompt": prompt,
+                "user_id": user,
+                "seed": res["seed"],
+                "batch_size": res["batch_size"],
+                "timings": res["timings"],
+            }
+        )
     same = []
     for user, arr in zip(columns, grpc):
         name = f"grpc_prompt0_{user or 'none'}.png"
         Image.fromarray(arr).save(out / name)
         ref = http[columns.index(user)]["array"]
         same.append(int(np.abs(arr.astype(int) - ref.astype(int)).max()))
-        summary.append({"file": name, "protocol": "kserve-grpc", "prompt": DEMO_PROMPTS[0], "user_id": user, "seed": seed})
+        summary.append(
+            {"file": name, "protocol": "kserve-grpc", "prompt": DEMO_PROMPTS[0], "user_id": user, "seed": seed}
+        )
     sheet_path = out / "contact_sheet.png"
     sheet.save(sheet_path)
     batches = sorted({r["batch_size"] for r in http})
-    (out / "summary.json").write_text(json.dumps({"images": summary, "server_start_s": started_s, "http_s": http_s,
-                                                  "grpc_s": grpc_s, "grpc_vs_http_max_abs_diff": same}, indent=2))  # fmt: skip
-    print(f"served {len(http)} images over HTTP ({len(DEMO_PROMPTS)} prompts x {len(columns)} users incl. plain FLUX, "
-          f"sent at once: batch sizes {batches}) in {http_s:.2f}s, and {len(grpc)} over KServe v2 gRPC in {grpc_s:.2f}s; "
-          f"gRPC equals HTTP pixel for pixel: {'yes' if max(same) == 0 else f'no (max diff {max(same)})'}")  # fmt: skip
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "images": summary,
+                "server_start_s": started_s,
+                "http_s": http_s,
+                "grpc_s": grpc_s,
+                "grpc_vs_http_max_abs_diff": same,
+            },
+            indent=2,
+        )
+    )
+    print(
+        f"served {len(http)} images over HTTP ({len(DEMO_PROMPTS)} prompts x {len(columns)} users incl. plain FLUX, "
+        f"sent at once: batch sizes {batches}) in {http_s:.2f}s, and {len(grpc)} over KServe v2 gRPC in {grpc_s:.2f}s; "
+        f"gRPC equals HTTP pixel for pixel: {'yes' if max(same) == 0 else f'no (max diff {max(same)})'}"
+    )
     print("users: " + ", ".join(u or "none (plain FLUX)" for u in columns))
-    print(f"images in {out.resolve()}/ (contact sheet {sheet_path.resolve()}: rows prompts, columns users; "
-          f"timings in {(out / 'summary.json').resolve()})")  # fmt: skip
+    print(
+        f"images in {out.resolve()}/ (contact sheet {sheet_path.resolve()}: rows prompts, columns users; "
+        f"timings in {(out / 'summary.json').resolve()})"
+    )
     return 0
 
 

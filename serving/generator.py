@@ -1,21 +1,18 @@
 """The Generator deployment: one PremierPipeline per replica, many users per forward.
 
+It receives `serving.protocol.ImageRequest`s that the ingress validated and whose users it
+resolved (the ingress is the one serving process that opens the user store; generators never do,
+so their replicas run on any node), and answers each with an `ImageResult` or a `RequestError`,
+never an exception.
+
 A request goes straight into ONE `@serve.batch` queue (the event loop does no per-request work,
 so arrivals reach it even while a forward holds the GIL). Batches Ray Serve forms while the
 pipeline is busy are merged, so a forward takes everything waiting, up to max_batch_size (see
-`_batch`). On the pipeline thread each request is validated and its user resolved (a bad one gets
-its own error and leaves: it never fails the batch); the rest are grouped by `GenerationSettings`
+`_batch`). On the pipeline thread each request's user is turned into tokens (a bad one gets its
+own error and leaves: it never fails the batch); the rest are grouped by `GenerationSettings`
 (size, steps and guidance fix the tensor shapes and schedule) with one pipeline call per group,
 different users and prompts together. One queue rather than one per settings key: the common
 case (one setting) fills batches fastest; a mixed batch costs one forward per distinct setting.
-
-Users are resolved by the ingress (on the Ray head, the only node that opens the user store; see
-serving/users.py): a request arrives with `user` = the embedding (N x U float tensor), a training-user
-id of the checkpoint, or None, or with `user_error` (the result dict of a failed lookup, answered here
-after the settings and prompt checks, in the order the checks always ran). Generators never open the
-store, so their replicas can run on any node.
-Results are plain dicts (never exceptions) so the ingress maps errors without unpickling
-exception types across processes.
 """
 
 from __future__ import annotations
@@ -29,8 +26,10 @@ from typing import Any
 
 from ray import serve
 
-from premier.errors import CheckpointError, InvalidEmbeddingError, InvalidRequestError, UnknownUserError
+from premier.logs import quiet_libraries
+from premier.requests import GenerationRequest, PreparedBatch
 from serving.config import ServeConfig
+from serving.protocol import REQUEST_ERRORS, ImageRequest, ImageResult, ModelInfo, Outcome, error_for
 
 log = logging.getLogger("ray.serve")
 MAX_FORMING_BATCHES = 1024  # batches Ray Serve may hand over at once; each holds >= 1 request, so never reached
@@ -43,79 +42,60 @@ class _MergedBatchesWarning(logging.Filter):
         return "max_concurrent_batches" not in record.getMessage()
 
 
-def error_result(status: int, message: str, field: str | None = None) -> dict[str, Any]:
-    return {"ok": False, "status": status, "error": message, "field": field}
-
-
-def error_for(e: BaseException) -> dict[str, Any]:
-    """The HTTP status and message for an error a request caused (the gRPC side maps the status)."""
-    if isinstance(e, UnknownUserError):
-        return error_result(404, str(e), e.field)
-    if isinstance(e, InvalidRequestError):
-        return error_result(400, str(e), e.field)
-    if isinstance(e, InvalidEmbeddingError):
-        return error_result(400, str(e), "user")
-    if isinstance(e, CheckpointError):
-        return error_result(409, str(e), "user")
-    from store.errors import StoreError
-
-    if isinstance(e, StoreError):  # busy or unreadable store: the request may succeed later
-        return error_result(503, f"user store unavailable: {e}")
-    raise e
-
-
 class Generator:
     """Holds the pipeline; `generate` is what the ingress calls, once per image."""
 
     def __init__(self, args: dict[str, Any]):
         import torch
 
-        from premier.cli import _quiet_libraries
         from premier.pipeline import PremierPipeline
 
         self.config = c = ServeConfig.model_validate(args)
         if c.torch_threads:
             torch.set_num_threads(c.torch_threads)
-        _quiet_libraries()
+        quiet_libraries()
         logging.getLogger("ray.serve").addFilter(_MergedBatchesWarning())
-        self.pipe = PremierPipeline.load(model=c.model, checkpoint=c.checkpoint, device=c.device,
-                                         dtype=getattr(torch, c.dtype) if c.dtype else None,
-                                         compile=c.compile, quantize=c.quantize)  # fmt: skip
+        self.pipe = PremierPipeline.load(
+            model=c.model,
+            checkpoint=c.checkpoint,
+            device=c.device,
+            dtype=getattr(torch, c.dtype) if c.dtype else None,
+            compile=c.compile,
+            quantize=c.quantize,
+        )
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="premier-pipeline")  # the pipeline is not re-entrant
         self._batch.set_max_batch_size(c.max_batch_size)
         self._batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
         self._batches = 0
-        self._waiting: list[tuple[dict[str, Any], asyncio.Future]] = []
+        self._waiting: list[tuple[ImageRequest, asyncio.Future]] = []
         self._pipeline_lock = asyncio.Lock()
         self.pipe(self._warmup_requests(), self.pipe.default_settings(), output_type="np")  # first call pays lazy init
         log.info("generator ready: pid %d, max_batch_size %d", os.getpid(), c.max_batch_size)
 
-    def _warmup_requests(self) -> list:
-        from premier.requests import GenerationRequest
-
+    def _warmup_requests(self) -> list[GenerationRequest]:
         return [GenerationRequest("warm up", None, 0)]
 
     # ------------------------------------------------------------------ info
-    def info(self) -> dict[str, Any]:
-        """What the ingress needs to know about the model (it does not load one)."""
-        p = self.pipe.profile
-        return {"pid": os.getpid(), "checkpoint_id": self.pipe.checkpoint_id,
-                "default_settings": vars(self.pipe.default_settings()),
-                "limits": {"size_multiple": p.size_multiple, "min_size": p.min_size, "max_size": p.max_size,
-                           "max_steps": p.max_steps, "max_guidance": p.max_guidance,
-                           "max_sequence_length": p.max_sequence_length},
-                "training_users": self.pipe.user_ids, "max_batch_size": self.config.max_batch_size}  # fmt: skip
+    def info(self) -> ModelInfo:
+        """What the ingress needs to know about the model (it does not load one), its tokenizer included."""
+        return ModelInfo(
+            pid=os.getpid(),
+            checkpoint_id=self.pipe.checkpoint_id,
+            profile=self.pipe.profile,
+            training_users=self.pipe.user_ids,
+            max_batch_size=self.config.max_batch_size,
+            tokenizer=self.pipe.flux_pipe.tokenizer_2,
+        )
 
     def pid(self) -> int:
         return os.getpid()
 
     # ------------------------------------------------------------------ generation
-    async def generate(self, params: dict[str, Any]) -> dict[str, Any]:
-        """params: prompt, user_id, seed, steps, height, width, guidance (None: model default), received_at."""
-        return await self._batch(params)
+    async def generate(self, request: ImageRequest) -> Outcome:
+        return await self._batch(request)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002, max_concurrent_batches=MAX_FORMING_BATCHES)
-    async def _batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _batch(self, items: list[ImageRequest]) -> list[Outcome]:
         """Deposit this batch's requests; whoever holds the pipeline runs everything waiting, max_batch_size at a time.
 
         Ray Serve forms a batch as soon as its wait ends, also while the pipeline is busy
@@ -140,79 +120,54 @@ class Generator:
                     f.set_exception(r) if isinstance(r, Exception) else f.set_result(r)
         return [f.result() for f in futures]
 
-    def _run_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Validate each request (a bad one gets its error and leaves), then one forward per settings group."""
+    def _run_batch(self, items: list[ImageRequest]) -> list[Outcome]:
+        """Resolve each request's user tokens (a bad one gets its error and leaves), then one forward per settings group."""
         self._batches += 1
         batch_id = f"{os.getpid()}-{self._batches}"
-        out: list[dict[str, Any]] = [{} for _ in items]
-        groups: dict[Any, list[tuple[int, Any, str]]] = {}
-        for i, params in enumerate(items):
+        out: list[Outcome | None] = [None] * len(items)
+        groups: dict[Any, list[tuple[int, PreparedBatch]]] = {}
+        for i, item in enumerate(items):
             try:
-                request, settings, cache = self._prepare(params)
-            except (InvalidRequestError, InvalidEmbeddingError, CheckpointError) as e:
+                prepared = self._prepare(item)
+            except REQUEST_ERRORS as e:
                 out[i] = error_for(e)
                 continue
-            except UserLookupFailed as e:
-                out[i] = dict(e.result)
-                continue
-            groups.setdefault(settings, []).append((i, request, cache))
+            groups.setdefault(item.settings, []).append((i, prepared))
         for settings, members in groups.items():
             group_start = time.time()
             try:
-                results = self.pipe([m[1] for m in members], settings, output_type="np")
-            except (InvalidRequestError, InvalidEmbeddingError, CheckpointError) as e:
-                for i, _, _ in members:
+                results = self.pipe(PreparedBatch.merge([p for _, p in members]), output_type="np")
+            except REQUEST_ERRORS as e:
+                for i, _ in members:
                     out[i] = error_for(e)
                 continue
-            for pos, ((i, _, cache), res) in enumerate(zip(members, results)):
+            for pos, ((i, _), res) in enumerate(zip(members, results)):
                 timings = {k: v for k, v in res.timings.items() if k != "batch_size"}
                 timings["pipeline_s"] = timings.pop("total_s")
-                timings["queue_wait_s"] = max(0.0, group_start - (items[i].get("received_at") or group_start))
-                out[i] = {"ok": True, "image": res.image, "seed": res.seed, "user_cache": cache,
-                          "batch_size": len(members), "batch_id": batch_id, "batch_position": pos,
-                          "settings": vars(settings), "timings": timings}  # fmt: skip
-        return out
+                timings["queue_wait_s"] = max(0.0, group_start - (items[i].received_at or group_start))
+                out[i] = ImageResult(
+                    image=res.image,
+                    seed=res.seed,
+                    settings=settings,
+                    batch_size=len(members),
+                    batch_id=batch_id,
+                    batch_position=pos,
+                    timings=timings,
+                    user_cache=items[i].user_cache,
+                )
+        return out  # type: ignore[return-value] - every slot was filled
 
-    def _prepare(self, params: dict[str, Any]):
-        from premier.requests import GenerationRequest
+    def _prepare(self, item: ImageRequest) -> PreparedBatch:
+        """The request as a one-request batch: the ingress checked everything but the user's tokens."""
+        user = item.user
+        if isinstance(user, str) and user not in self.pipe.user_ids:  # ingress and replica serve different checkpoints
+            from premier.errors import UnknownUserError
 
-        settings = self.pipe.default_settings(
-            height=params.get("height"), width=params.get("width"), steps=params.get("steps"), guidance=params.get("guidance")
-        ).validate(self.pipe.profile)
-        seed = params.get("seed")
-        request = GenerationRequest(params.get("prompt"), None, 0 if seed is None else seed).validate_basic()
-        request.user, cache = self._user(params)
-        self.pipe.validate([request], settings)  # token count, embedding shape
-        return request, settings, cache
-
-    def _user(self, params: dict[str, Any]):
-        """(embedding or checkpoint user id or None, cache outcome) as the ingress resolved it."""
-        import torch
-
-        failed = params.get("user_error")
-        if failed is not None:
-            raise UserLookupFailed(failed)
-        user = params.get("user")
-        if user is None:
-            return None, "none"
-        if isinstance(user, str):
-            if user not in self.pipe.user_ids:  # the ingress and this replica serve different checkpoints
-                raise UnknownUserError(user)
-            return user, "checkpoint"
-        if not isinstance(user, torch.Tensor):
-            raise InvalidEmbeddingError(f"user embedding must be a tensor, got {type(user).__name__}")
-        return user, params.get("user_cache") or "miss"
+            raise UnknownUserError(user)
+        return self.pipe.prepare([GenerationRequest(item.prompt, user, item.seed)], item.settings, checked=True)
 
     def check_health(self) -> None:
         """Ray Serve calls this periodically (the store's health is the ingress's: it alone opens it)."""
 
 
-class UserLookupFailed(Exception):
-    """The ingress could not resolve the request's user; `result` is the error result it made."""
-
-    def __init__(self, result: dict[str, Any]):
-        super().__init__(result.get("error"))
-        self.result = result
-
-
-__all__ = ["Generator", "UserLookupFailed", "error_for", "error_result"]
+__all__ = ["Generator"]

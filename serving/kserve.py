@@ -44,7 +44,12 @@ INPUTS: tuple[TensorSpec, ...] = (
 OUTPUT = TensorSpec("IMAGE", "UINT8", (-1, -1, 3), "image")
 _BY_NAME = {s.name: s for s in INPUTS}
 # gRPC typed contents field per datatype (when raw_input_contents is not used)
-_CONTENTS_FIELD = {"BYTES": "bytes_contents", "INT64": "int64_contents", "INT32": "int_contents", "FP32": "fp32_contents"}
+_CONTENTS_FIELD = {
+    "BYTES": "bytes_contents",
+    "INT64": "int64_contents",
+    "INT32": "int_contents",
+    "FP32": "fp32_contents",
+}
 
 
 def model_metadata() -> dict[str, Any]:
@@ -53,8 +58,13 @@ def model_metadata() -> dict[str, Any]:
     def tensor(s: TensorSpec) -> dict[str, Any]:
         return {"name": s.name, "datatype": s.datatype, "shape": list(s.shape)}
 
-    return {"name": MODEL_NAME, "versions": [MODEL_VERSION], "platform": PLATFORM,
-            "inputs": [tensor(s) for s in INPUTS], "outputs": [tensor(OUTPUT)]}  # fmt: skip
+    return {
+        "name": MODEL_NAME,
+        "versions": [MODEL_VERSION],
+        "platform": PLATFORM,
+        "inputs": [tensor(s) for s in INPUTS],
+        "outputs": [tensor(OUTPUT)],
+    }
 
 
 def server_metadata() -> dict[str, Any]:
@@ -73,8 +83,9 @@ class UnknownModelError(LookupError):
 
 
 # ---------------------------------------------------------------------- decoding
-def decode_tensor(name: str, datatype: str, shape: list[int], raw: bytes | None = None,
-                  values: list[Any] | None = None) -> Any:  # fmt: skip
+def decode_tensor(
+    name: str, datatype: str, shape: list[int], raw: bytes | None = None, values: list[Any] | None = None
+) -> Any:
     """One input tensor (raw little-endian bytes or a list of values) -> the Python value it carries."""
     spec = _BY_NAME.get(name)
     if spec is None:
@@ -103,7 +114,9 @@ def decode_tensor(name: str, datatype: str, shape: list[int], raw: bytes | None 
     except (ValueError, TypeError, OverflowError, IndexError, struct.error) as e:
         raise InvalidRequestError(name, f"cannot decode the {datatype} data: {e}") from None
     if arr.size != int(np.prod(spec.shape)):
-        raise InvalidRequestError(name, f"shape {list(shape)} needs {int(np.prod(spec.shape))} element(s); the data has {arr.size}")
+        raise InvalidRequestError(
+            name, f"shape {list(shape)} needs {int(np.prod(spec.shape))} element(s); the data has {arr.size}"
+        )
     value = arr.reshape(-1)[0]
     if datatype == "BYTES":
         try:
@@ -130,7 +143,9 @@ def parse_http_infer(body: bytes, header_length: int | None) -> tuple[dict[str, 
     """A v2 HTTP infer body -> (generation parameters, binary output wanted, request id)."""
     if header_length is not None:
         if not 0 <= header_length <= len(body):
-            raise InvalidRequestError("Inference-Header-Content-Length", f"{header_length} is outside the body's {len(body)} bytes")
+            raise InvalidRequestError(
+                "Inference-Header-Content-Length", f"{header_length} is outside the body's {len(body)} bytes"
+            )
         head, tail = body[:header_length], body[header_length:]
     else:
         head, tail = body, b""
@@ -146,22 +161,32 @@ def parse_http_infer(body: bytes, header_length: int | None) -> tuple[dict[str, 
         if not isinstance(t, dict):
             raise InvalidRequestError(f"inputs[{i}]", "must be an object")
         name, datatype, shape = t.get("name"), t.get("datatype"), t.get("shape")
-        if not isinstance(name, str) or not isinstance(datatype, str) or not isinstance(shape, list) \
-                or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):  # fmt: skip
-            raise InvalidRequestError(str(name) if isinstance(name, str) else f"inputs[{i}]",
-                                      "needs a string 'name', a string 'datatype' and an integer list 'shape'")  # fmt: skip
+        if (
+            not isinstance(name, str)
+            or not isinstance(datatype, str)
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+        ):
+            raise InvalidRequestError(
+                str(name) if isinstance(name, str) else f"inputs[{i}]",
+                "needs a string 'name', a string 'datatype' and an integer list 'shape'",
+            )
         if name in decoded:
             raise InvalidRequestError(name, "is given twice")
         size = (t.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(tail):
-                raise InvalidRequestError(name, f"binary_data_size {size!r} does not fit the {len(tail) - offset} binary bytes left")
-            decoded[name] = decode_tensor(name, datatype, shape, raw=tail[offset:offset + size])
+                raise InvalidRequestError(
+                    name, f"binary_data_size {size!r} does not fit the {len(tail) - offset} binary bytes left"
+                )
+            decoded[name] = decode_tensor(name, datatype, shape, raw=tail[offset : offset + size])
             offset += size
         else:
             if "data" not in t:
                 raise InvalidRequestError(name, "has neither 'data' nor a binary_data_size parameter")
-            decoded[name] = decode_tensor(name, datatype, shape, values=t["data"] if isinstance(t["data"], list) else [t["data"]])
+            decoded[name] = decode_tensor(
+                name, datatype, shape, values=t["data"] if isinstance(t["data"], list) else [t["data"]]
+            )
     binary = bool((req.get("parameters") or {}).get("binary_data_output", False))
     for o in req.get("outputs") or []:
         if not isinstance(o, dict) or o.get("name") != OUTPUT.name:
@@ -172,8 +197,9 @@ def parse_http_infer(body: bytes, header_length: int | None) -> tuple[dict[str, 
     return parameters_from(decoded), binary, rid if isinstance(rid, str) else None
 
 
-def http_infer_response(image: np.ndarray, binary: bool, request_id: str | None,
-                        parameters: dict[str, Any]) -> tuple[bytes, int | None]:  # fmt: skip
+def http_infer_response(
+    image: np.ndarray, binary: bool, request_id: str | None, parameters: dict[str, Any]
+) -> tuple[bytes, int | None]:
     """(body, JSON header length for Inference-Header-Content-Length or None)."""
     out: dict[str, Any] = {"name": OUTPUT.name, "datatype": OUTPUT.datatype, "shape": list(image.shape)}
     raw = np.ascontiguousarray(image, dtype=np.uint8).tobytes()
@@ -181,8 +207,12 @@ def http_infer_response(image: np.ndarray, binary: bool, request_id: str | None,
         out["parameters"] = {"binary_data_size": len(raw)}
     else:
         out["data"] = image.reshape(-1).tolist()
-    resp: dict[str, Any] = {"model_name": MODEL_NAME, "model_version": MODEL_VERSION, "outputs": [out],
-                            "parameters": parameters}  # fmt: skip
+    resp: dict[str, Any] = {
+        "model_name": MODEL_NAME,
+        "model_version": MODEL_VERSION,
+        "outputs": [out],
+        "parameters": parameters,
+    }
     if request_id is not None:
         resp["id"] = request_id
     head = json.dumps(resp).encode()
@@ -246,6 +276,17 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["INPUTS", "OUTPUT", "model_metadata", "server_metadata", "check_model", "UnknownModelError",
-           "parse_http_infer", "http_infer_response", "parse_grpc_infer", "grpc_infer_response",
-           "grpc_metadata_response", "serialize_byte_tensor"]  # fmt: skip
+__all__ = [
+    "INPUTS",
+    "OUTPUT",
+    "model_metadata",
+    "server_metadata",
+    "check_model",
+    "UnknownModelError",
+    "parse_http_infer",
+    "http_infer_response",
+    "parse_grpc_infer",
+    "grpc_infer_response",
+    "grpc_metadata_response",
+    "serialize_byte_tensor",
+]

@@ -1,6 +1,6 @@
 """Prometheus metrics of the server, recorded by the ingress and exposed at GET /metrics.
 
-Every generation answer carries its own timings and batch facts (see serving.generator), so
+Every generation answer (`serving.protocol.ImageResult`) carries its own timings and batch facts, so
 the ingress sees the whole picture: request latency, queue wait, batch sizes (each batch counted
 once, by the request at position 0), queue depth, images per second and the user-embedding
 cache outcome. Fit-job counts are read from the fit-job manager at scrape time. A registry per
@@ -12,11 +12,15 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from serving.protocol import ImageResult
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -32,7 +36,7 @@ class _FitJobCollector:
         g = GaugeMetricFamily("premier_fit_jobs", "Fit jobs known to the Ray Jobs API, by status.", labels=["status"])
         try:
             counts = self._counts() or {}
-        except Exception:  # noqa: BLE001 - a scrape must not fail because the Jobs API is away
+        except Exception:  # a scrape must not fail because the Jobs API is away
             counts = {}
         for status in sorted(set(FIT_STATUSES) | set(counts)):
             g.add_metric([status], float(counts.get(status, 0)))
@@ -44,37 +48,61 @@ class ServeMetrics:
 
     def __init__(self, fit_counts: Callable[[], dict[str, int] | None] = lambda: None):
         r = self.registry = CollectorRegistry()
-        self.latency = Histogram("premier_request_latency_seconds", "End-to-end latency of answered generation requests.",
-                                 ["protocol"], buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.queue_wait = Histogram("premier_queue_wait_seconds", "Time from arrival until the request's batch started.",
-                                    buckets=LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.batch_size = Histogram("premier_batch_size", "Requests per pipeline forward (each batch counted once).",
-                                    buckets=BATCH_BUCKETS, registry=r)  # fmt: skip
-        self.queue_depth = Gauge("premier_queue_depth", "Generation requests admitted and not yet answered.", registry=r)
-        self.requests = Counter("premier_requests", "Generation requests by protocol and outcome (HTTP status).",
-                                ["protocol", "code"], registry=r)  # fmt: skip
+        self.latency = Histogram(
+            "premier_request_latency_seconds",
+            "End-to-end latency of answered generation requests.",
+            ["protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "premier_queue_wait_seconds",
+            "Time from arrival until the request's batch started.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "premier_batch_size",
+            "Requests per pipeline forward (each batch counted once).",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "premier_queue_depth", "Generation requests admitted and not yet answered.", registry=r
+        )
+        self.requests = Counter(
+            "premier_requests",
+            "Generation requests by protocol and outcome (HTTP status).",
+            ["protocol", "code"],
+            registry=r,
+        )
         self.images = Counter("premier_images_generated", "Images generated.", registry=r)
-        self.cache = Counter("premier_user_cache_lookups", "User-embedding lookups by outcome (hit, miss, checkpoint).",
-                             ["result"], registry=r)  # fmt: skip
-        Gauge("premier_images_per_second", f"Images generated per second over the last {RATE_WINDOW_S:g} s.",
-              registry=r).set_function(self.images_per_second)  # fmt: skip
-        Gauge("premier_user_cache_hit_ratio", "Share of store lookups answered from the embedding cache.",
-              registry=r).set_function(self.cache_hit_ratio)  # fmt: skip
+        self.cache = Counter(
+            "premier_user_cache_lookups",
+            "User-embedding lookups by outcome (hit, miss, checkpoint).",
+            ["result"],
+            registry=r,
+        )
+        Gauge(
+            "premier_images_per_second", f"Images generated per second over the last {RATE_WINDOW_S:g} s.", registry=r
+        ).set_function(self.images_per_second)
+        Gauge(
+            "premier_user_cache_hit_ratio", "Share of store lookups answered from the embedding cache.", registry=r
+        ).set_function(self.cache_hit_ratio)
         r.register(_FitJobCollector(fit_counts))
         self._done: deque[float] = deque()
         self._lock = threading.Lock()
         self._hits = self._misses = 0
 
-    def observe(self, protocol: str, result: dict[str, Any], end_to_end_s: float) -> None:
-        """Record one answered generation (a generator result dict)."""
+    def observe(self, protocol: str, result: ImageResult, end_to_end_s: float) -> None:
+        """Record one answered generation."""
         self.requests.labels(protocol, "200").inc()
         self.latency.labels(protocol).observe(end_to_end_s)
-        t = result.get("timings", {})
-        self.queue_wait.observe(t.get("queue_wait_s", 0.0))
-        if result.get("batch_position") == 0:
-            self.batch_size.observe(result.get("batch_size", 1))
+        self.queue_wait.observe(result.timings.get("queue_wait_s", 0.0))
+        if result.batch_position == 0:
+            self.batch_size.observe(result.batch_size)
         self.images.inc()
-        outcome = result.get("user_cache", "none")
+        outcome = result.user_cache
         if outcome != "none":
             self.cache.labels(outcome).inc()
         with self._lock:

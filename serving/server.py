@@ -27,9 +27,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 class ServerSession:
     """Context manager: start on enter (ports 0 become free ports), stop on exit (idempotent)."""
 
-    def __init__(self, config: ServeConfig, options: ServerOptions, *, address: str | None = None,
-                 dashboard: bool = True, num_cpus: int | None = None, dashboard_port: int | None = None,
-                 ready_timeout_s: float = 300.0):  # fmt: skip
+    def __init__(
+        self,
+        config: ServeConfig,
+        options: ServerOptions,
+        *,
+        address: str | None = None,
+        dashboard: bool = True,
+        num_cpus: int | None = None,
+        dashboard_port: int | None = None,
+        ready_timeout_s: float = 300.0,
+    ):
         self.config = config
         self.host = options.host
         self.http_port = options.http_port or free_port(self.host)
@@ -62,7 +70,7 @@ class ServerSession:
         return {"Authorization": f"Bearer {key.get_secret_value()}"} if key is not None else {}
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "ServerSession":
+    def __enter__(self) -> ServerSession:
         try:
             self.start()
         except BaseException:
@@ -92,8 +100,10 @@ class ServerSession:
             ray.init(**kwargs)
             self._started_ray = True
         self._running = True
-        serve.start(http_options={"host": self.host, "port": self.http_port},
-                    grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]})  # fmt: skip
+        serve.start(
+            http_options={"host": self.host, "port": self.http_port},
+            grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+        )
         serve.run(build(self.config), name=APP_NAME, route_prefix="/")
         self.wait_ready(self.ready_timeout_s)
 
@@ -138,7 +148,10 @@ class ServerSession:
                 drain.start()
                 drain.join(self.config.request_timeout_s + 60)
                 if drain.is_alive():
-                    print("premier serve: Serve did not stop in time (is Ray already gone?); shutting Ray down", flush=True)
+                    print(
+                        "premier serve: Serve did not stop in time (is Ray already gone?); shutting Ray down",
+                        flush=True,
+                    )
         finally:
             if self._started_ray:
                 self._started_ray = False

@@ -14,19 +14,9 @@ import threading
 from typing import Any
 
 from premier.errors import InvalidRequestError, UnknownUserError
+from premier.served import load_served_basis
+from premier.users import validate_user_id
 from serving.config import ServeConfig
-
-
-def load_basis(checkpoint: str | None):
-    """(UserEmbeddingTable, checkpoint id) of the served checkpoint (None: the embedded demo checkpoint)."""
-    if checkpoint is None:
-        from premier.models.embedded import build_embedded_premier
-
-        model = build_embedded_premier()
-        return model.users, model.checkpoint_id()
-    from premier.checkpoint import load_user_basis
-
-    return load_user_basis(checkpoint)
 
 
 class UserDirectory:
@@ -41,17 +31,42 @@ class UserDirectory:
     def enabled(self) -> bool:
         return self.config.has_users
 
+    def prepare(self) -> int:
+        """Open the store, creating it if needed; on the embedded model and checkpoint, seed an empty store
+        with the demo users. The ingress runs it once when it starts (it is the store's one serving opener,
+        on the store's node, and one replica: one writer). Returns the number of users put."""
+        if not self.config.has_users:
+            return 0
+        c = self.config
+        store = self._open(create=True)
+        if c.model is None and c.checkpoint is None and c.seed_demo_users and len(store) == 0:
+            from premier.models.embedded import embedded_demo_records
+
+            return store.put_many(r for r in embedded_demo_records() if r.checkpoint_id == store.checkpoint_id)
+        return 0
+
     def store(self):
         """The read-write handle (reads, DELETE); raises InvalidRequestError on a plain FLUX server."""
         if not self.config.has_users:
-            raise InvalidRequestError("user_id", "this server runs plain FLUX without a Premier checkpoint: it has no users")
+            raise InvalidRequestError(
+                "user_id", "this server runs plain FLUX without a Premier checkpoint: it has no users"
+            )
+        return self._open(create=False)
+
+    def _open(self, create: bool):
         with self._lock:
             if self._store is None:
                 from store.user_store import UserStore
 
-                basis, ckpt = load_basis(self.config.checkpoint)
-                self._store = UserStore(self.config.store, basis, ckpt, cache_size=self.config.store_cache_size,
-                                        create=False, snapshot_on_close=False)  # fmt: skip
+                basis, ckpt = load_served_basis(self.config.checkpoint)  # the basis only: no adapters, no FLUX
+                self._store = UserStore(
+                    self.config.store,
+                    basis,
+                    ckpt,
+                    cache_size=self.config.store_cache_size,
+                    create=create,
+                    snapshot_on_close=False,
+                )
             return self._store
 
     def resolve(self, user_id: Any) -> tuple[Any, str]:
@@ -59,8 +74,6 @@ class UserDirectory:
 
         Raises InvalidRequestError (bad id), UnknownUserError, StoreError (store unavailable).
         """
-        from premier.users import validate_user_id
-
         if user_id is None or user_id == "":
             return None, "none"
         if not isinstance(user_id, str):
@@ -70,8 +83,8 @@ class UserDirectory:
             raise UnknownUserError(user_id)
         store = self.store()
         try:
-            emb, cached = store.materialise_cached(user_id)
-            return emb.detach().float().contiguous(), ("hit" if cached else "miss")
+            emb, cached = store.materialise_cached(user_id)  # a copy of its own: sent to a generator as it is
+            return emb, ("hit" if cached else "miss")
         except UnknownUserError:
             pass
         if user_id in store.basis:
@@ -86,7 +99,7 @@ class UserDirectory:
             return
         try:
             store.db.current_seq()
-        except Exception:  # noqa: BLE001 - lookups answer 503 meanwhile
+        except Exception:  # lookups answer 503 meanwhile
             self.close()
 
     def close(self) -> None:
@@ -95,8 +108,8 @@ class UserDirectory:
         if store is not None:
             try:
                 store.close()
-            except Exception:  # noqa: BLE001 - best effort at teardown
+            except Exception:  # best effort at teardown
                 pass
 
 
-__all__ = ["UserDirectory", "load_basis"]
+__all__ = ["UserDirectory"]

@@ -5,7 +5,7 @@ database file alone misses committed transactions still in `users.sqlite3-wal`, 
 pair while a writer checkpoints can tear. `Connection.backup` copies a consistent snapshot of
 committed data from one read transaction, without blocking the server's readers or its writer.
 The FAISS index snapshot (`index/`) is derived state and is not backed up: the store rebuilds it
-from the database when it does not match (store/user_store.py).
+from the database when it does not match (store/index_keeper.py).
 
 A backup must run on the store's node (SQLite's WAL index is shared memory); on Kubernetes the
 premier-store-backup CronJob does that (deploy/k8s/base/store-backup-cronjob.yaml). A restore
@@ -29,7 +29,7 @@ from pathlib import Path
 from premier.errors import InvalidRequestError
 from store.database import DB_NAME, SCHEMA_VERSION
 from store.errors import StoreError
-from store.user_store import INDEX_DIR
+from store.index_keeper import INDEX_DIR
 
 PREFIX = "users-"
 SUFFIX = ".sqlite3"
@@ -70,7 +70,9 @@ def _inspect(path: Path) -> int:
             raise InvalidRequestError("backup", f"{path} is damaged (integrity check: {result})")
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if version is None or version[0] != SCHEMA_VERSION:
-            raise InvalidRequestError("backup", f"{path} has store schema {version and version[0]!r}; this version reads {SCHEMA_VERSION}")
+            raise InvalidRequestError(
+                "backup", f"{path} has store schema {version and version[0]!r}; this version reads {SCHEMA_VERSION}"
+            )
         return int(conn.execute("SELECT COUNT(*) FROM users").fetchone()[0])
     except sqlite3.DatabaseError as e:
         raise InvalidRequestError("backup", f"{path} is not a Premier user store database: {e}") from None

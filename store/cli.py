@@ -1,6 +1,6 @@
 """`premier users ...`: the user store from the command line.
 
-Registered by premier/cli.py through COMMAND_MODULES. Nothing heavy is imported at module import
+Registered by premier/cli.py (it imports `register`). Nothing heavy is imported at module import
 (the store, torch and the checkpoint load inside each command), so `premier --help` stays fast.
 Bad input exits 2 and checkpoint problems exit 3 (premier.cli.main maps the core's errors); a
 store that cannot be opened or read also exits 3.
@@ -12,8 +12,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Any
 
 DEFAULT_STORE = "./premier-store"
 EXIT_STORE_ERROR = 3
@@ -22,11 +23,15 @@ EXIT_STORE_ERROR = 3
 def _common(checkpoint: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("store")
-    g.add_argument("--store", metavar="DIR", default=None,
-                   help=f"store folder (default: $PREMIER_STORE or {DEFAULT_STORE})")  # fmt: skip
+    g.add_argument(
+        "--store", metavar="DIR", default=None, help=f"store folder (default: $PREMIER_STORE or {DEFAULT_STORE})"
+    )
     if checkpoint:  # backup/restore copy the database as it is: no checkpoint involved
-        g.add_argument("--checkpoint", metavar="DIR",
-                       help="Premier checkpoint the store serves (default: the embedded demo checkpoint)")  # fmt: skip
+        g.add_argument(
+            "--checkpoint",
+            metavar="DIR",
+            help="Premier checkpoint the store serves (default: the embedded demo checkpoint)",
+        )
     return p
 
 
@@ -34,14 +39,16 @@ def register(subparsers: Any) -> None:
     """Add the `users` command group to the top-level `premier` parser."""
     common, store_only = _common(), _common(checkpoint=False)
     users = subparsers.add_parser(
-        "users", help="the user store: put, get, delete, list, nearest, export, import, backup, restore",
+        "users",
+        help="the user store: put, get, delete, list, nearest, export, import, backup, restore",
         description="Manage the user store: durable user records and nearest-preference search.",
-    )  # fmt: skip
+    )
     sub = users.add_subparsers(dest="users_command", metavar="ACTION")
     sub.required = True
 
-    def add(name: str, help: str, func: Callable[[argparse.Namespace], int],
-            parent: argparse.ArgumentParser = common) -> argparse.ArgumentParser:  # fmt: skip
+    def add(
+        name: str, help: str, func: Callable[[argparse.Namespace], int], parent: argparse.ArgumentParser = common
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".", parents=[parent])
         p.set_defaults(func=_wrap(func))
         return p
@@ -84,13 +91,21 @@ def register(subparsers: Any) -> None:
     p = add("stats", "counts, index kind and sizes", cmd_stats)
     p.add_argument("--json", action="store_true", help="print JSON")
 
-    p = add("backup", "online backup of the store's database to BACKUP_DIR/users-<UTC time>.sqlite3 (the server may run)",
-            cmd_backup, store_only)  # fmt: skip
+    p = add(
+        "backup",
+        "online backup of the store's database to BACKUP_DIR/users-<UTC time>.sqlite3 (the server may run)",
+        cmd_backup,
+        store_only,
+    )
     p.add_argument("backup_dir", metavar="BACKUP_DIR", help="folder of backups (created if missing)")
     p.add_argument("--keep", type=int, metavar="N", help="then delete all but the newest N backups in BACKUP_DIR")
 
-    p = add("restore", "replace the store's database by a backup (stop every server and fit job first)",
-            cmd_restore, store_only)  # fmt: skip
+    p = add(
+        "restore",
+        "replace the store's database by a backup (stop every server and fit job first)",
+        cmd_restore,
+        store_only,
+    )
     p.add_argument("backup_file", metavar="BACKUP_FILE", help="a users-<time>.sqlite3 file written by `backup`")
 
 
@@ -134,7 +149,11 @@ def _vector_arg(text: str, field: str):
         values = json.loads(text)
     except json.JSONDecodeError as e:
         raise InvalidRequestError(field, f"is not valid JSON: {e}") from None
-    if not isinstance(values, list) or not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if (
+        not isinstance(values, list)
+        or not values
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    ):
         raise InvalidRequestError(field, "must be a non-empty JSON list of numbers")
     return torch.tensor(values, dtype=torch.float64)
 
@@ -164,10 +183,13 @@ def cmd_put(args: argparse.Namespace) -> int:
                     raise InvalidRequestError("fit", f"is not valid JSON: {e}") from None
                 if not isinstance(fit, dict):
                     raise InvalidRequestError("fit", "must be a JSON object")
-            record = UserRecord(args.user, "coefficients", _vector_arg(args.coefficients, "coefficients"),
-                                store.checkpoint_id, fit)  # fmt: skip
+            record = UserRecord(
+                args.user, "coefficients", _vector_arg(args.coefficients, "coefficients"), store.checkpoint_id, fit
+            )
         stored = store.put(record)
-    print(f"stored {stored.user_id} ({stored.mode}, {tuple(stored.vector.shape)}, checkpoint {stored.checkpoint_id[:12]})")
+    print(
+        f"stored {stored.user_id} ({stored.mode}, {tuple(stored.vector.shape)}, checkpoint {stored.checkpoint_id[:12]})"
+    )
     return 0
 
 
@@ -178,13 +200,27 @@ def cmd_get(args: argparse.Namespace) -> int:
     if args.output:
         r.save(args.output)
     if args.json:
-        print(json.dumps({"user_id": r.user_id, "mode": r.mode, "checkpoint_id": r.checkpoint_id, "servable": servable,
-                          "fit": r.fit, "created_at": r.created_at, "updated_at": r.updated_at,
-                          "shape": list(r.vector.shape), "vector": r.vector.flatten().tolist()}))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "user_id": r.user_id,
+                    "mode": r.mode,
+                    "checkpoint_id": r.checkpoint_id,
+                    "servable": servable,
+                    "fit": r.fit,
+                    "created_at": r.created_at,
+                    "updated_at": r.updated_at,
+                    "shape": list(r.vector.shape),
+                    "vector": r.vector.flatten().tolist(),
+                }
+            )
+        )
         return 0
     v = r.vector
     print(f"user        {r.user_id}")
-    print(f"mode        {r.mode} {tuple(v.shape)}  norm {float(v.norm()):.4g}  first {[round(x, 4) for x in v.flatten()[:4].tolist()]}")
+    print(
+        f"mode        {r.mode} {tuple(v.shape)}  norm {float(v.norm()):.4g}  first {[round(x, 4) for x in v.flatten()[:4].tolist()]}"
+    )
     print(f"checkpoint  {r.checkpoint_id}" + ("" if servable else "  (NOT this store's checkpoint: not servable)"))
     print(f"fit         {json.dumps(r.fit, sort_keys=True)}")
     print(f"created     {_when(r.created_at)}   updated {_when(r.updated_at)}")
@@ -259,7 +295,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
     from store.backup import backup
 
     result = backup(_store_path(args), args.backup_dir, keep=args.keep)
-    print(f"backed up {result.users} users to {result.path}" + (f" (pruned {len(result.pruned)} older)" if result.pruned else ""))
+    print(
+        f"backed up {result.users} users to {result.path}"
+        + (f" (pruned {len(result.pruned)} older)" if result.pruned else "")
+    )
     return 0
 
 
@@ -268,5 +307,8 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
     store = _store_path(args)
     result = restore(args.backup_file, store)
-    print(f"restored {result.users} users into {store}" + (f" (previous files in {result.moved_to})" if result.moved_to else ""))
+    print(
+        f"restored {result.users} users into {store}"
+        + (f" (previous files in {result.moved_to})" if result.moved_to else "")
+    )
     return 0

@@ -48,6 +48,7 @@ def default_exact_max(dim: int) -> int:
     """Most vectors the exact index holds before IVF: brute force streams N x dim floats per query."""
     return int(min(50_000, max(1_000, EXACT_MAX_FLOATS // max(dim, 1))))
 
+
 RECALL_TARGET = 0.97
 MANIFEST = "manifest.json"
 SNAPSHOT_FORMAT = "premier-store-index"
@@ -84,12 +85,18 @@ class VectorIndex:
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def empty(cls, dim: int) -> "VectorIndex":
+    def empty(cls, dim: int) -> VectorIndex:
         return cls(faiss.IndexIDMap2(faiss.IndexFlatIP(dim)), IndexInfo("exact", dim))
 
     @classmethod
-    def build(cls, vectors: np.ndarray, ids: np.ndarray, exact_max: int | None = None,
-              recall_target: float = RECALL_TARGET, seed: int = 0) -> "VectorIndex":  # fmt: skip
+    def build(
+        cls,
+        vectors: np.ndarray,
+        ids: np.ndarray,
+        exact_max: int | None = None,
+        recall_target: float = RECALL_TARGET,
+        seed: int = 0,
+    ) -> VectorIndex:
         """Index unit-norm `vectors` (N, d) under int64 `ids`; the kind is chosen by N."""
         n, dim = vectors.shape
         if n < (exact_max or default_exact_max(dim)):
@@ -97,8 +104,9 @@ class VectorIndex:
             out.add(vectors, ids)
             return out
         nlist = nlist_for(n)
-        ivf = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_fp16,
-                                            faiss.METRIC_INNER_PRODUCT)  # fmt: skip
+        ivf = faiss.IndexIVFScalarQuantizer(
+            faiss.IndexFlatIP(dim), dim, nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
+        )
         ivf.cp.niter = 10  # k-means quality plateaus early; 25 iterations would 2.5x the build
         ivf.cp.seed = seed
         ivf.cp.min_points_per_centroid = 16
@@ -112,8 +120,14 @@ class VectorIndex:
             ivf.add_with_ids(vectors[lo : lo + 100_000], ids[lo : lo + 100_000])
         out = cls(ivf, IndexInfo("ivf", dim, nlist, 1, n))
         out._calibrate(vectors, ids, recall_target, rng)
-        log.info("built IVF index over %d vectors (nlist %d, nprobe %d, recall %.3f) in %.1fs",
-                 n, nlist, out.info.nprobe, out.info.calibrated_recall or 0, time.perf_counter() - t0)  # fmt: skip
+        log.info(
+            "built IVF index over %d vectors (nlist %d, nprobe %d, recall %.3f) in %.1fs",
+            n,
+            nlist,
+            out.info.nprobe,
+            out.info.calibrated_recall or 0,
+            time.perf_counter() - t0,
+        )
         return out
 
     def _calibrate(self, vectors: np.ndarray, ids: np.ndarray, target: float, rng: np.random.Generator) -> None:
@@ -139,7 +153,9 @@ class VectorIndex:
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         if len(ids):
-            self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
+            self.index.add_with_ids(
+                np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64)
+            )
 
     def remove(self, ids: np.ndarray) -> int:
         if not len(ids):
@@ -152,8 +168,9 @@ class VectorIndex:
             sel = faiss.IDSelectorArray(len(ids), faiss.swig_ptr(ids))
         return int(self.index.remove_ids(sel))
 
-    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None, exact: bool = False,
-               single_thread: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    def search(
+        self, queries: np.ndarray, k: int, nprobe: int | None = None, exact: bool = False, single_thread: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, ids) of the k best per query; ids are -1 where fewer than k exist.
 
         `single_thread` runs FAISS's OpenMP with one thread for this call: a single small query
@@ -203,8 +220,17 @@ class VectorIndex:
                 fsync_dir(folder)
             finally:
                 tmp.unlink(missing_ok=True)
-            full = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, **manifest, **asdict(self.info),
-                    "ntotal": self.ntotal, "file": name, "bytes": size, "crc32": crc, "written_at": time.time()}  # fmt: skip
+            full = {
+                "format": SNAPSHOT_FORMAT,
+                "version": SNAPSHOT_VERSION,
+                **manifest,
+                **asdict(self.info),
+                "ntotal": self.ntotal,
+                "file": name,
+                "bytes": size,
+                "crc32": crc,
+                "written_at": time.time(),
+            }
             atomic_write_bytes(folder / MANIFEST, json.dumps(full, indent=1).encode())
             for old in folder.glob("*.faiss"):
                 if old.name != name:
@@ -214,7 +240,7 @@ class VectorIndex:
         return folder / name
 
     @classmethod
-    def load(cls, folder: Path, expect: dict) -> tuple["VectorIndex", dict] | None:
+    def load(cls, folder: Path, expect: dict) -> tuple[VectorIndex, dict] | None:
         """The snapshot in `folder` if it is intact and its manifest matches `expect`; else None (and why, logged)."""
         path = folder / MANIFEST
         if not path.is_file():
@@ -237,7 +263,9 @@ class VectorIndex:
             if int(index.ntotal) != manifest["ntotal"] or int(index.d) != info.dim:
                 raise ValueError("index contents disagree with the manifest")
             if info.kind == "ivf":
-                if faiss.extract_index_ivf(index).direct_map.type != faiss.DirectMap.Hashtable:  # (a view; `index` owns it)
+                if (
+                    faiss.extract_index_ivf(index).direct_map.type != faiss.DirectMap.Hashtable
+                ):  # (a view; `index` owns it)
                     raise ValueError("IVF snapshot lacks its id map")
             return cls(index, info), manifest
         except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
@@ -289,7 +317,7 @@ class _locked:
     def __init__(self, path: Path):
         self.path = path
 
-    def __enter__(self) -> "_locked":
+    def __enter__(self) -> _locked:
         self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
         fcntl.flock(self.fd, fcntl.LOCK_EX)
         return self

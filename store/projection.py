@@ -50,11 +50,13 @@ class BasisProjection:
             raise InvalidEmbeddingError("the stage-1 basis is all zeros; no user can be indexed")
         chol, info = torch.linalg.cholesky_ex(gram)
         diag = chol.diagonal()
-        if int(info) == 0 and float(diag.min()) > RANK_TOLERANCE ** 0.5 * top ** 0.5:
+        if int(info) == 0 and float(diag.min()) > RANK_TOLERANCE**0.5 * top**0.5:
             self.method = "cholesky"
             self.dim = self.num_users
             coef_factor = chol  # x = c @ L  (i.e. L^T c)
-            direct_factor = torch.linalg.solve_triangular(chol, torch.eye(self.num_users, dtype=torch.float64), upper=False).T
+            direct_factor = torch.linalg.solve_triangular(
+                chol, torch.eye(self.num_users, dtype=torch.float64), upper=False
+            ).T
             extra = b""
         else:
             self.method = "eigen"
@@ -70,7 +72,8 @@ class BasisProjection:
         self._basis_t = flat.T.to(torch.float32).contiguous()  # (n, K)
         self.fingerprint = hashlib.sha256(
             basis.weight.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-            + repr((self.method, self.num_users, self.user_shape, self.dim)).encode() + extra
+            + repr((self.method, self.num_users, self.user_shape, self.dim)).encode()
+            + extra
         ).hexdigest()
 
     # Products run in torch, not numpy: numpy's OpenBLAS keeps its own spinning thread pool, which

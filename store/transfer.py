@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from premier.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from premier.errors import InvalidRequestError
+from premier.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from premier.user_record import UserRecord
 from store.user_store import UserStore
 
@@ -42,16 +42,27 @@ def export_store(store: UserStore, folder: str | Path) -> int:
     for record in store.iter_records():
         name = _group(record)
         rows = groups.setdefault(name, [])
-        line = {"user_id": record.user_id, "mode": record.mode, "checkpoint_id": record.checkpoint_id,
-                "fit": record.fit, "created_at": record.created_at, "updated_at": record.updated_at,
-                "tensor": name, "row": len(rows)}  # fmt: skip
+        line = {
+            "user_id": record.user_id,
+            "mode": record.mode,
+            "checkpoint_id": record.checkpoint_id,
+            "fit": record.fit,
+            "created_at": record.created_at,
+            "updated_at": record.updated_at,
+            "tensor": name,
+            "row": len(rows),
+        }
         rows.append(record.vector)
         lines.append(json.dumps(line, sort_keys=True).encode() + b"\n")
     body = b"".join(lines)
     tensors = {name: torch.stack(rows) for name, rows in groups.items()}
     groups.clear()
-    meta = {"format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "count": str(len(lines)),
-            "jsonl_sha256": hashlib.sha256(body).hexdigest()}  # fmt: skip
+    meta = {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_VERSION,
+        "count": str(len(lines)),
+        "jsonl_sha256": hashlib.sha256(body).hexdigest(),
+    }
     atomic_write_bytes(folder / LINES_FILE, body)
     atomic_save_safetensors(tensors, folder / TENSORS_FILE, metadata=meta)
     return len(lines)
@@ -63,13 +74,17 @@ def read_export(folder: str | Path) -> Iterator[UserRecord]:
     tpath, lpath = folder / TENSORS_FILE, folder / LINES_FILE
     for p in (tpath, lpath):
         if not p.is_file():
-            raise InvalidRequestError("import", f"{p} does not exist (an export folder holds {TENSORS_FILE} and {LINES_FILE})")
+            raise InvalidRequestError(
+                "import", f"{p} does not exist (an export folder holds {TENSORS_FILE} and {LINES_FILE})"
+            )
     tensors, meta = read_safetensors(tpath, error=lambda msg: InvalidRequestError("import", msg))
     if meta.get("format") != EXPORT_FORMAT or meta.get("format_version") != EXPORT_VERSION:
         raise InvalidRequestError("import", f"{tpath} is not a Premier user export (format {meta.get('format')!r})")
     body = lpath.read_bytes()
     if hashlib.sha256(body).hexdigest() != meta.get("jsonl_sha256"):
-        raise InvalidRequestError("import", f"{lpath} does not match {tpath} (checksum differs: a mixed or edited pair)")
+        raise InvalidRequestError(
+            "import", f"{lpath} does not match {tpath} (checksum differs: a mixed or edited pair)"
+        )
     seen: set[str] = set()
     for n, raw in enumerate(body.splitlines(), 1):
         where = f"{lpath.name} line {n}"
@@ -78,8 +93,15 @@ def read_export(folder: str | Path) -> Iterator[UserRecord]:
             name, row = line["tensor"], line["row"]
             if name not in tensors or not isinstance(row, int) or not 0 <= row < tensors[name].shape[0]:
                 raise ValueError(f"tensor {name!r} row {row!r} does not exist")
-            record = UserRecord(line["user_id"], line["mode"], tensors[name][row], line["checkpoint_id"],
-                                line.get("fit", {}), line["created_at"], line["updated_at"])  # fmt: skip
+            record = UserRecord(
+                line["user_id"],
+                line["mode"],
+                tensors[name][row],
+                line["checkpoint_id"],
+                line.get("fit", {}),
+                line["created_at"],
+                line["updated_at"],
+            )
         except (ValueError, KeyError, TypeError) as e:
             raise InvalidRequestError("import", f"{where}: {e}") from None
         if _group(record) != name:

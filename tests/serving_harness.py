@@ -74,8 +74,14 @@ def serve_app(
         values.setdefault("store", os.path.join(str(store_dir), "store"))
         server.config = build_config(values, environ={})
         options = ServerOptions(host="127.0.0.1", http_port=server.http_port, grpc_port=server.grpc_port)
-        server.session = ServerSession(server.config, options, dashboard=include_dashboard, num_cpus=num_cpus,
-                                       dashboard_port=server.dashboard_port, ready_timeout_s=ready_timeout_s)  # fmt: skip
+        server.session = ServerSession(
+            server.config,
+            options,
+            dashboard=include_dashboard,
+            num_cpus=num_cpus,
+            dashboard_port=server.dashboard_port,
+            ready_timeout_s=ready_timeout_s,
+        )
         stack.enter_context(server.session)
         yield server
 

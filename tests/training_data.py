@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import torch.nn.functional as F
 from PIL import Image
 
@@ -25,7 +24,9 @@ PROMPTS = ("a cat", "a house", "a tree")
 def user_images(colour: tuple[int, int, int], n: int, seed: int, size: int = 64) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     base = np.array(colour, dtype=np.float64)[None, None, :]
-    return [Image.fromarray(np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)) for _ in range(n)]
+    return [
+        Image.fromarray(np.clip(base + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)) for _ in range(n)
+    ]
 
 
 def make_raw_dataset(root: Path, per_user: int = 6, colours=COLOURS, names: list[str] | None = None) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -25,6 +26,8 @@ from premier.models.tokenizers import SPECIAL_TOKENS, build_clip_tokenizer, buil
 
 EMBEDDED_SEED = 0
 DEMO_USERS = ("alice", "bob", "carol", "dave")
+# The prompts `premier demo` and `premier serve --demo` generate for every user.
+DEMO_PROMPTS = ("a red circle in the center", "a blue square at the top left", "a yellow triangle at the bottom right")
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
 """Shipped weights: transformer/ (diffusers), premier/ (stage-1 checkpoint), users/<id>.safetensors."""
 TRANSFORMER_DIR, PREMIER_DIR, USERS_DIR = "transformer", "premier", "users"
@@ -39,6 +42,9 @@ FLUX_SCHEDULER_CONFIG = dict(
     base_image_seq_len=256,
     max_image_seq_len=4096,
 )
+
+if TYPE_CHECKING:
+    from premier.user_record import UserRecord
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,7 @@ class EmbeddedSpec:
         return 3 * self.codec_factor**2
 
 
-def build_embedded_transformer(spec: "EmbeddedSpec" = None) -> FluxTransformer2DModel:  # type: ignore[assignment]
+def build_embedded_transformer(spec: EmbeddedSpec = None) -> FluxTransformer2DModel:  # type: ignore[assignment]
     """A randomly initialised transformer of the embedded sizes (seed it from the caller's RNG).
 
     No guidance embedding: the world's model is trained at one guidance value, so the input would be
@@ -90,8 +96,9 @@ def build_embedded_transformer(spec: "EmbeddedSpec" = None) -> FluxTransformer2D
     )
 
 
-def build_embedded_flux(seed: int = EMBEDDED_SEED, spec: EmbeddedSpec = EmbeddedSpec(),
-                        weights: str | Path | None = ASSETS) -> FluxPipeline:  # fmt: skip
+def build_embedded_flux(
+    seed: int = EMBEDDED_SEED, spec: EmbeddedSpec = EmbeddedSpec(), weights: str | Path | None = ASSETS
+) -> FluxPipeline:
     """Build the tiny FLUX pipeline; the same seed (and weights) always gives bit-identical weights.
 
     `weights`: a folder holding `transformer/` (what `premier world base` writes); ignored when it
@@ -164,13 +171,16 @@ def embedded_premier_config(spec: EmbeddedSpec = EmbeddedSpec()) -> PremierConfi
 
 def load_embedded_transformer(folder: str | Path) -> FluxTransformer2DModel:
     """The trained transformer from a diffusers folder (safetensors only, local only)."""
-    flux = FluxTransformer2DModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
-                                                  torch_dtype=torch.float32)  # fmt: skip
+    flux = FluxTransformer2DModel.from_pretrained(
+        str(folder), local_files_only=True, use_safetensors=True, torch_dtype=torch.float32
+    )
     return flux.eval().requires_grad_(False)
 
 
 def build_embedded_premier(
-    seed: int = EMBEDDED_SEED, spec: EmbeddedSpec = EmbeddedSpec(), user_ids: tuple[str, ...] | None = None,
+    seed: int = EMBEDDED_SEED,
+    spec: EmbeddedSpec = EmbeddedSpec(),
+    user_ids: tuple[str, ...] | None = None,
     weights: str | Path | None = ASSETS,
 ) -> PremierModel:
     """The shipped stage-1 checkpoint (adapters and the world's training users), if `weights` holds one.
@@ -187,7 +197,7 @@ def build_embedded_premier(
     return model.eval().requires_grad_(False)
 
 
-def embedded_demo_records(weights: str | Path | None = ASSETS) -> list["UserRecord"]:
+def embedded_demo_records(weights: str | Path | None = ASSETS) -> list[UserRecord]:
     """The embedded model's demo users as store records (what `premier serve` seeds a new store with).
 
     The shipped fitted users: coefficient records over the shipped stage-1 checkpoint's training
@@ -201,5 +211,13 @@ def embedded_demo_records(weights: str | Path | None = ASSETS) -> list["UserReco
         return [UserRecord.load(folder / f"{u}.safetensors") for u in DEMO_USERS]
     premier = build_embedded_premier(user_ids=DEMO_USERS, weights=None)
     ckpt = premier.checkpoint_id()
-    return [UserRecord(user_id=u, mode="direct", vector=premier.users.get(u).detach().float().cpu().clone(),
-                       checkpoint_id=ckpt, fit={"source": "embedded demo user"}) for u in DEMO_USERS]
+    return [
+        UserRecord(
+            user_id=u,
+            mode="direct",
+            vector=premier.users.get(u).detach().float().cpu().clone(),
+            checkpoint_id=ckpt,
+            fit={"source": "embedded demo user"},
+        )
+        for u in DEMO_USERS
+    ]

@@ -92,7 +92,9 @@ def profile_for(pipe: FluxPipeline, embedded: bool) -> ModelProfile:
     if embedded:
         # The embedded model's default size is the one it was trained at (its codec's sample size).
         size = int(getattr(pipe.vae.config, "sample_size", 128))
-        return ModelProfile(seq, multiple, min_size=multiple * 2, max_size=512, default_size=size, default_steps=8,
-                            default_guidance=3.5)  # fmt: skip
-    return ModelProfile(seq, multiple, min_size=256, max_size=2048, default_size=1024, default_steps=28,
-                        default_guidance=3.5)  # fmt: skip
+        return ModelProfile(
+            seq, multiple, min_size=multiple * 2, max_size=512, default_size=size, default_steps=8, default_guidance=3.5
+        )
+    return ModelProfile(
+        seq, multiple, min_size=256, max_size=2048, default_size=1024, default_steps=28, default_guidance=3.5
+    )

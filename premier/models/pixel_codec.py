@@ -43,17 +43,24 @@ class PixelCodec(ModelMixin, ConfigMixin):
         self.register_buffer("unit", torch.ones(1))
 
     @classmethod
-    def for_factor(cls, factor: int, in_channels: int = 3, sample_size: int = 32) -> "PixelCodec":
+    def for_factor(cls, factor: int, in_channels: int = 3, sample_size: int = 32) -> PixelCodec:
         levels = factor.bit_length()  # log2(factor) + 1 for a power of two
-        return cls(factor=factor, in_channels=in_channels, sample_size=sample_size,
-                   block_out_channels=tuple([1] * levels), latent_channels=in_channels * factor * factor)  # fmt: skip
+        return cls(
+            factor=factor,
+            in_channels=in_channels,
+            sample_size=sample_size,
+            block_out_channels=tuple([1] * levels),
+            latent_channels=in_channels * factor * factor,
+        )
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         mean = F.pixel_unshuffle(x, self.config.factor) * self.unit.to(x.dtype)
         dist = DiagonalGaussianDistribution(torch.cat([mean, torch.zeros_like(mean)], dim=1), deterministic=True)
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None) -> DecoderOutput | tuple:
+    def decode(
+        self, z: torch.Tensor, return_dict: bool = True, generator: torch.Generator | None = None
+    ) -> DecoderOutput | tuple:
         image = F.pixel_shuffle(z, self.config.factor)
         return DecoderOutput(sample=image) if return_dict else (image,)
 

@@ -12,14 +12,19 @@ from pathlib import Path
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 
-from premier.errors import ModelLoadError
-from premier.models.embedded import build_embedded_flux, embedded_premier_config
-from premier.models.loading import load_flux_folder
 from premier.config import PremierConfig
+from premier.errors import ModelLoadError
+from premier.models.embedded import EmbeddedSpec, build_embedded_flux, embedded_premier_config
+from premier.models.loading import load_flux_folder
 
 
 def resolve_device(device: str | None) -> torch.device:
     return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_resolution(model: str | Path | None) -> int:
+    """Square training and fitting resolution in pixels: the embedded model's image size, 512 for FLUX."""
+    return EmbeddedSpec().image_size if model is None else 512
 
 
 def load_pipeline(model: str | Path | None, device: torch.device, dtype: torch.dtype | None = None) -> FluxPipeline:
@@ -28,7 +33,9 @@ def load_pipeline(model: str | Path | None, device: torch.device, dtype: torch.d
     return pipe.to(device=device, dtype=dtype)
 
 
-def load_transformer(model: str | Path | None, device: torch.device, dtype: torch.dtype | None = None) -> FluxTransformer2DModel:
+def load_transformer(
+    model: str | Path | None, device: torch.device, dtype: torch.dtype | None = None
+) -> FluxTransformer2DModel:
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if model is None:
         flux = build_embedded_flux().transformer
@@ -37,7 +44,9 @@ def load_transformer(model: str | Path | None, device: torch.device, dtype: torc
         if not (folder / "config.json").is_file():
             raise ModelLoadError(f"{folder} is missing config.json (expected a diffusers FLUX folder at {model})")
         try:
-            flux = FluxTransformer2DModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, torch_dtype=dtype)
+            flux = FluxTransformer2DModel.from_pretrained(
+                str(folder), local_files_only=True, use_safetensors=True, torch_dtype=dtype
+            )
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"could not load the FLUX transformer from {folder}: {e}") from e
     return flux.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,6 +1,8 @@
 """`premier data prepare`, `premier train` and `premier fit-user` (registered by premier.cli).
 
-Nothing heavy is imported here at module level: `premier --help` must stay fast.
+Each command parses its flags and calls the library: `fit-user` is `premier.training.fit.fit_new_user`
+(the server's fit job calls the same function). Nothing heavy is imported here at module level:
+`premier --help` must stay fast.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     q.add_argument("raw", help="raw dataset folder (one sub-folder per user)")
     q.add_argument("out", help="output folder for the prepared dataset")
-    q.add_argument("--resolution", type=int, help="square training resolution in pixels (default: 32 embedded, 512 FLUX)")
+    q.add_argument(
+        "--resolution", type=int, help="square training resolution in pixels (default: 32 embedded, 512 FLUX)"
+    )
     q.add_argument("--max-sequence-length", type=int, help="T5 tokens per caption (default: the model's maximum)")
     q.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
     q.add_argument("--batch-size", type=int, default=8, help="encoder batch size (default 8)")
@@ -47,9 +51,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--data", required=True, help="prepared dataset folder (premier data prepare)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest (exactly; only steps and checkpoint/log intervals may change)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from OUT/checkpoints/latest (exactly; only steps and checkpoint/log intervals may change)",
+    )
     p.add_argument("--config", help="JSON file of stage-1 settings (flags override it)")
-    p.add_argument("--premier-config", help="premier_config.json with adapter/user sizes (default: the model's reference sizes)")
+    p.add_argument(
+        "--premier-config", help="premier_config.json with adapter/user sizes (default: the model's reference sizes)"
+    )
     g = p.add_argument_group("stage-1 settings (defaults: the reference release)")
     g.add_argument("--steps", type=int)
     g.add_argument("--batch-size", type=int, help="DiT batch (default 16)")
@@ -58,8 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--lambda-shared", type=float, help="dispersion weight, block-shared adapter (default 0.1)")
     g.add_argument("--lambda-distinct", type=float, help="dispersion weight, block-distinct adapter (default 0.1)")
     g.add_argument("--tau", type=float, help="dispersion temperature (default 1.0)")
-    g.add_argument("--dispersion-scale", choices=("dim", "mean", "none"),
-                   help="what the dispersion's squared distances are divided by (default dim; mean is bounded, see docs/world.md)")
+    g.add_argument(
+        "--dispersion-scale",
+        choices=("dim", "mean", "none"),
+        help="what the dispersion's squared distances are divided by (default dim; mean is bounded, see docs/world.md)",
+    )
     g.add_argument("--timestep-sampling", choices=["logit_normal", "uniform"])
     g.add_argument("--logit-mean", type=float)
     g.add_argument("--logit-std", type=float)
@@ -72,17 +85,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--seed", type=int)
     _optim_args(p)
     _model_args(p, dtype=False)
-    d = p.add_argument_group("distributed (Ray Train; docs/operations.md \"Stage-1 training on 8 GPUs\")")
-    d.add_argument("--num-workers", type=int,
-                   help="run the same trainer on N Ray Train workers (DDP-style; gloo on CPU, NCCL with --use-gpu); "
-                   "omit for one process without Ray. --batch-size stays the global batch, so N does not change the run")  # fmt: skip
+    d = p.add_argument_group('distributed (Ray Train; docs/operations.md "Stage-1 training on 8 GPUs")')
+    d.add_argument(
+        "--num-workers",
+        type=int,
+        help="run the same trainer on N Ray Train workers (DDP-style; gloo on CPU, NCCL with --use-gpu); "
+        "omit for one process without Ray. --batch-size stays the global batch, so N does not change the run",
+    )
     d.add_argument("--use-gpu", action="store_true", help="one GPU per worker (NCCL)")
-    d.add_argument("--micro-batch", type=int,
-                   help="run each worker's share of a step's batch in chunks of at most this many images (gradients "
-                   "accumulate; bounds activation memory, changes nothing else; default: the whole share)")  # fmt: skip
+    d.add_argument(
+        "--micro-batch",
+        type=int,
+        help="run each worker's share of a step's batch in chunks of at most this many images (gradients "
+        "accumulate; bounds activation memory, changes nothing else; default: the whole share)",
+    )
     d.add_argument("--address", help="Ray cluster to join (e.g. auto, ray://head:10001); default: start a local Ray")
-    d.add_argument("--max-failures", type=int, default=3,
-                   help="worker-group restarts after a worker dies, each from the last checkpoint (default 3)")  # fmt: skip
+    d.add_argument(
+        "--max-failures",
+        type=int,
+        default=3,
+        help="worker-group restarts after a worker dies, each from the last checkpoint (default 3)",
+    )
     _finish(p, cmd_train)
 
     p = sub.add_parser(
@@ -129,14 +152,6 @@ def _optim_args(p: argparse.ArgumentParser, weight_decay_default: float | None =
     g.add_argument("--grad-clip", type=float)
 
 
-def _default_resolution(model: str | None) -> int:
-    if model is None:
-        from premier.models.embedded import EmbeddedSpec
-
-        return EmbeddedSpec().image_size
-    return 512
-
-
 def _dtype(name: str | None) -> Any:
     import torch
 
@@ -147,12 +162,14 @@ def _dtype(name: str | None) -> Any:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from premier.training.base_model import load_pipeline, resolve_device
+    from premier.training.base_model import default_resolution, load_pipeline, resolve_device
     from premier.training.prepared import DataEncoder, prepare_dataset
 
     device = resolve_device(args.device)
     pipe = load_pipeline(args.model, device, _dtype(args.dtype))
-    encoder = DataEncoder(pipe, args.resolution or _default_resolution(args.model), args.max_sequence_length, args.batch_size)
+    encoder = DataEncoder(
+        pipe, args.resolution or default_resolution(args.model), args.max_sequence_length, args.batch_size
+    )
     bar = tqdm(disable=not args.progress, desc="prepare", unit="img")
 
     def progress(done: int, total: int) -> None:
@@ -172,18 +189,36 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- train
 def _stage1_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("steps", "batch_size", "dispersion_users", "dispersion_tokens", "lambda_shared", "lambda_distinct", "tau",
-             "dispersion_scale", "timestep_sampling", "logit_mean", "logit_std", "guidance", "precision", "gradient_checkpointing",
-             "checkpoint_every", "keep_checkpoints", "log_every", "seed")  # fmt: skip
+    names = (
+        "steps",
+        "batch_size",
+        "dispersion_users",
+        "dispersion_tokens",
+        "lambda_shared",
+        "lambda_distinct",
+        "tau",
+        "dispersion_scale",
+        "timestep_sampling",
+        "logit_mean",
+        "logit_std",
+        "guidance",
+        "precision",
+        "gradient_checkpointing",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "log_every",
+        "seed",
+    )
     out: dict[str, Any] = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
-    optim = {n: getattr(args, n) for n in ("optimizer", "lr", "weight_decay", "grad_clip") if getattr(args, n) is not None}
+    optim = {
+        n: getattr(args, n) for n in ("optimizer", "lr", "weight_decay", "grad_clip") if getattr(args, n) is not None
+    }
     if optim:
         out["optim"] = optim
     return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from premier.config import PremierConfig
     from premier.errors import InvalidRequestError
     from premier.training.base_model import default_premier_config, load_transformer, resolve_device
     from premier.training.config import Stage1Config
@@ -225,8 +260,9 @@ def _train_distributed(args: argparse.Namespace, dataset: Any, overrides: dict[s
     import os
 
     from premier.errors import InvalidRequestError
+    from premier.training.collectives import assign_users
     from premier.training.config import Stage1Config
-    from premier.training.distributed import assign_users, run_distributed
+    from premier.training.distributed import run_distributed
     from premier.training.stage1 import latest_checkpoint
 
     if args.num_workers < 1:
@@ -236,7 +272,9 @@ def _train_distributed(args: argparse.Namespace, dataset: Any, overrides: dict[s
     if args.max_failures < 0:
         raise InvalidRequestError("max_failures", f"must be >= 0, got {args.max_failures}")
     if args.device:
-        raise InvalidRequestError("device", "--device is for one process; workers use --use-gpu (one GPU each) or the CPU")
+        raise InvalidRequestError(
+            "device", "--device is for one process; workers use --use-gpu (one GPU each) or the CPU"
+        )
     assign_users(dataset.user_counts, args.num_workers)  # enough users for the workers
     if args.resume:
         if latest_checkpoint(args.out) is None:
@@ -252,15 +290,27 @@ def _train_distributed(args: argparse.Namespace, dataset: Any, overrides: dict[s
     elif started:
         ray.init(num_cpus=max(os.cpu_count() or 1, args.num_workers), include_dashboard=False)
     try:
-        result = run_distributed(args.data, args.out, overrides, args.num_workers, use_gpu=args.use_gpu, model=args.model,
-                                 premier_config=pcfg, resume=args.resume, max_failures=args.max_failures,
-                                 progress=args.progress, micro_batch=args.micro_batch)  # fmt: skip
+        result = run_distributed(
+            args.data,
+            args.out,
+            overrides,
+            args.num_workers,
+            use_gpu=args.use_gpu,
+            model=args.model,
+            premier_config=pcfg,
+            resume=args.resume,
+            max_failures=args.max_failures,
+            progress=args.progress,
+            micro_batch=args.micro_batch,
+        )
     finally:
         if started:
             ray.shutdown()
     last = result["metrics"]
     if "loss" in last:
-        print(f"step {last['step']}: loss {last['loss']:.5f} (flow matching {last['fm']:.5f}) on {args.num_workers} workers")
+        print(
+            f"step {last['step']}: loss {last['loss']:.5f} (flow matching {last['fm']:.5f}) on {args.num_workers} workers"
+        )
     print(f"checkpoint: {result['checkpoint']}")
     return 0
 
@@ -282,50 +332,50 @@ def _premier_config(path: str) -> Any:
 
 # ----------------------------------------------------------------------------- fit-user
 def cmd_fit_user(args: argparse.Namespace) -> int:
-    from premier.checkpoint import PremierModel
-    from premier.models.embedded import build_embedded_premier
-    from premier.training.base_model import load_pipeline, resolve_device
-    from premier.training.config import OptimConfig, Stage2Config
-    from premier.training.dataset import read_user_folder
-    from premier.training.prepared import Batch, DataEncoder
-    from premier.training.stage2 import fit_user
-    from premier.users import validate_user_id
-    import torch
+    from premier.training.fit import fit_new_user
 
-    validate_user_id(args.user_id)
-    examples = read_user_folder(args.images, user_id=args.user_id)
-    optim = {n: getattr(args, n) for n in ("optimizer", "lr", "weight_decay", "grad_clip") if getattr(args, n) is not None}
-    config = Stage2Config(mode=args.mode, steps=args.steps, batch_size=args.batch_size, eval_every=args.eval_every,
-                          patience=args.patience, precision=args.precision, seed=args.seed,
-                          optim=OptimConfig(**optim))  # fmt: skip
-    config.check()
-    if args.checkpoint:
-        premier, checkpoint_id = PremierModel.load(args.checkpoint)
-    elif args.model is None:
-        premier = build_embedded_premier()
-        checkpoint_id = premier.checkpoint_id()
-    else:
-        from premier.errors import InvalidRequestError
-
-        raise InvalidRequestError("checkpoint", "--checkpoint is required with --model (a stage-1 checkpoint for that model)")
-    device = resolve_device(args.device)
-    pipe = load_pipeline(args.model, device, _dtype(args.dtype))
-    premier.config.check_fits(pipe.transformer.config)
-    premier.to(device)
-    encoder = DataEncoder(pipe, args.resolution or _default_resolution(args.model))
-    tensors, kept, skipped = encoder.encode_examples(examples)
-    for s in skipped:
-        print(f"skipped {s['file']}: {s['reason']}", file=sys.stderr)
-    if not kept:
-        from premier.errors import InvalidRequestError
-
-        raise InvalidRequestError("images", f"none of the {len(examples)} images in {args.images} could be decoded")
-    samples = Batch(tensors["latents"], tensors["text"], tensors["pooled"], torch.zeros(len(kept), dtype=torch.long))
-    result = fit_user(pipe.transformer, premier, checkpoint_id, samples, args.user_id, config,
-                      files=[e.file for e in kept], progress=args.progress)  # fmt: skip
-    path = result.record.save(args.out)
-    fit = result.record.fit
-    held = f", held-out loss {fit['held_out_loss']:.5f} (from {fit['initial_held_out_loss']:.5f})" if fit["held_out_loss"] is not None else ""
-    print(f"fitted {args.user_id!r} ({args.mode}) on {fit['train_images']} images in {fit['steps']} steps: loss {fit['final_loss']:.5f}{held}")
+    options = {
+        n: getattr(args, n)
+        for n in (
+            "mode",
+            "steps",
+            "batch_size",
+            "eval_every",
+            "patience",
+            "resolution",
+            "precision",
+            "seed",
+            "optimizer",
+            "lr",
+            "weight_decay",
+            "grad_clip",
+            "device",
+            "dtype",
+        )
+    }
+    record = fit_new_user(
+        args.user_id,
+        args.images,
+        model=args.model,
+        checkpoint=args.checkpoint,
+        progress=args.progress,
+        on_skip=_print_skipped,
+        **options,
+    )
+    path = record.save(args.out)
+    fit = record.fit
+    held = (
+        f", held-out loss {fit['held_out_loss']:.5f} (from {fit['initial_held_out_loss']:.5f})"
+        if fit["held_out_loss"] is not None
+        else ""
+    )
+    print(
+        f"fitted {args.user_id!r} ({args.mode}) on {fit['train_images']} images in {fit['steps']} steps: loss {fit['final_loss']:.5f}{held}"
+    )
     print(f"record: {path}")
     return 0
+
+
+def _print_skipped(file: str, reason: str) -> None:
+    """An image that does not decode: one line on stderr, and the fit goes on without it."""
+    print(f"skipped {file}: {reason}", file=sys.stderr)

@@ -39,7 +39,9 @@ class Stage1Config:
     steps: int = 1000
     batch_size: int = 16  # DiT batch (images per step)
     dispersion_users: int = 32  # users per step in the empty-prompt dispersion pass (independent of the DiT batch)
-    dispersion_tokens: int | None = None  # leading empty-prompt token rows used (None: all); the adapters treat tokens independently
+    dispersion_tokens: int | None = (
+        None  # leading empty-prompt token rows used (None: all); the adapters treat tokens independently
+    )
     lambda_shared: float = 0.1
     lambda_distinct: float = 0.1
     tau: float = 1.0
@@ -67,14 +69,18 @@ class Stage1Config:
         _non_negative("lambda_distinct", self.lambda_distinct)
         _positive("tau", self.tau)
         if self.dispersion_scale not in DISPERSION_SCALES:
-            raise InvalidRequestError("dispersion_scale", f"must be one of {', '.join(DISPERSION_SCALES)}, got {self.dispersion_scale!r}")
+            raise InvalidRequestError(
+                "dispersion_scale", f"must be one of {', '.join(DISPERSION_SCALES)}, got {self.dispersion_scale!r}"
+            )
         _positive("logit_std", self.logit_std)
         if self.timestep_sampling not in TIMESTEP_SCHEMES:
             raise InvalidRequestError("timestep_sampling", f"must be one of {', '.join(TIMESTEP_SCHEMES)}")
         if self.precision not in PRECISIONS:
             raise InvalidRequestError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if num_users is not None and num_users < 2 and (self.lambda_shared or self.lambda_distinct):
-            raise InvalidRequestError("dataset", f"the dispersion loss needs at least 2 training users; the dataset has {num_users}")
+            raise InvalidRequestError(
+                "dataset", f"the dispersion loss needs at least 2 training users; the dataset has {num_users}"
+            )
         self.optim.check()
 
     @property
@@ -88,7 +94,7 @@ class Stage1Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Stage1Config":
+    def from_dict(cls, d: dict[str, Any]) -> Stage1Config:
         d = dict(d)
         if "normalise_dispersion" in d:  # runs written before dispersion_scale existed
             d.setdefault("dispersion_scale", "dim" if d.pop("normalise_dispersion") else "none")

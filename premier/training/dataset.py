@@ -64,7 +64,11 @@ def read_user_folder(folder: str | Path, user_id: str | None = None) -> list[Exa
             entry = json.loads(line)
         except json.JSONDecodeError as e:
             raise DatasetError(f"{where}: not valid JSON ({e.msg})") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("file"), str) or not isinstance(entry.get("prompt"), str):
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("file"), str)
+            or not isinstance(entry.get("prompt"), str)
+        ):
             raise DatasetError(f'{where}: each line must be {{"file": "...", "prompt": "..."}}')
         name = entry["file"]
         if Path(name).name != name or name in ("", ".", ".."):
@@ -102,7 +106,7 @@ def read_dataset(root: str | Path) -> dict[str, list[Example]]:
     return users
 
 
-def write_user_folder(folder: str | Path, items: list[tuple[str, "object", str]]) -> Path:
+def write_user_folder(folder: str | Path, items: list[tuple[str, object, str]]) -> Path:
     """Write (file name, PIL image, prompt) triples in the format above (for exports and tests)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,9 @@
-"""Stage 1 on N workers with Ray Train: the pieces that plug into `Stage1Trainer`.
+"""Stage 1 on N workers with Ray Train: the launcher (`run_distributed`) and its worker loop.
 
-The trainer has one `train_step`; what differs between one process and N is a `Comm`:
-
-- `LocalComm` (one process, no Ray, no process group): every collective is the identity;
-- `TorchComm` (inside a Ray Train worker, whose `TorchTrainer` set up the process group: gloo on
-  CPU, NCCL on GPU): sums, an autograd-aware gather, one flat all-reduce of the gradients.
+The trainer has one `train_step`; what differs between one process and N is a `Comm` from
+`premier.training.collectives` (`LocalComm` in one process, `TorchComm` inside a Ray Train worker,
+whose `TorchTrainer` set up the process group: gloo on CPU, NCCL on GPU). This module builds the
+`Stage1Trainer` on each worker with a `TorchComm` and reports its checkpoints to Ray Train.
 
 How a step is split (DESIGN section 1; docs/operations.md "Stage-1 training on 8 GPUs"):
 
@@ -48,154 +47,27 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from premier.config import PremierConfig
+from premier.errors import InvalidRequestError, TrainingError
+from premier.training.base_model import default_premier_config, load_transformer
+from premier.training.collectives import TorchComm
+from premier.training.config import Stage1Config
+from premier.training.prepared import PreparedDataset
+from premier.training.stage1 import TRAINER_STATE, Stage1Trainer, latest_checkpoint
+
 POINTER_FILE = "premier_checkpoint.json"
-
-
-# ----------------------------------------------------------------------------- users -> ranks
-def assign_users(counts: Sequence[int], world_size: int) -> torch.Tensor:
-    """Owner rank of each user: largest users first, each to the rank with the fewest examples so far.
-
-    Deterministic from the counts alone, so every rank computes the same assignment."""
-    if world_size < 1:
-        raise ValueError("world_size must be >= 1")
-    if len(counts) < world_size:
-        from premier.errors import InvalidRequestError
-
-        raise InvalidRequestError("num_workers", f"{world_size} workers need at least {world_size} training users; the dataset has {len(counts)}")
-    load = [0] * world_size
-    owner = [0] * len(counts)
-    for u in sorted(range(len(counts)), key=lambda u: (-counts[u], u)):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        owner[u] = r
-        load[r] += counts[u]
-    return torch.tensor(owner, dtype=torch.long)
-
-
-def chunk(n: int, rank: int, world_size: int) -> tuple[int, int]:
-    """[lo, hi) of rank's contiguous share of n rows (the first n % world ranks get one more)."""
-    base, extra = divmod(n, world_size)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
-# ----------------------------------------------------------------------------- communicators
-class LocalComm:
-    """One process: the identity for every collective."""
-
-    rank = 0
-    world_size = 1
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def all_reduce_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
-        return None
-
-    def barrier(self) -> None:
-        return None
-
-
-class TorchComm(LocalComm):
-    """torch.distributed's default process group (set up by Ray Train's TorchTrainer)."""
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            raise RuntimeError("TorchComm needs an initialised torch.distributed process group")
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        y = x.detach().clone()
-        dist.all_reduce(y)
-        return y
-
-    def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
-        return _GatherRows.apply(x)
-
-    def all_reduce_grads(self, params: Sequence[torch.nn.Parameter], bucket_elements: int = 1 << 26) -> None:
-        """SUM over ranks of every gradient (missing ones count as zero), in flat buckets of at most
-        `bucket_elements` (256 MiB of fp32) copied back in place: one bucket of extra memory, few calls."""
-        import torch.distributed as dist
-
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        bucket: list[torch.Tensor] = []
-        size = 0
-        for i, p in enumerate(params):
-            bucket.append(p.grad)
-            size += p.grad.numel()
-            if size >= bucket_elements or i == len(params) - 1:
-                if len(bucket) == 1:
-                    dist.all_reduce(bucket[0])
-                else:
-                    flat = torch.cat([g.reshape(-1) for g in bucket])
-                    dist.all_reduce(flat)
-                    offset = 0
-                    for g in bucket:
-                        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                        offset += g.numel()
-                bucket, size = [], 0
-
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-class _GatherRows(torch.autograd.Function):
-    """Concatenate every rank's rows (counts may differ) in rank order; backward: SUM the gradient of
-    the gathered tensor over ranks (each rank's loss used all of it) and keep this rank's rows."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        world, rank = dist.get_world_size(), dist.get_rank()
-        n = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
-        counts = [torch.zeros_like(n) for _ in range(world)]
-        dist.all_gather(counts, n)
-        counts = [int(c) for c in counts]
-        most = max(counts)
-        padded = x.new_zeros((most, *x.shape[1:]))
-        padded[: x.shape[0]] = x
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded.contiguous())
-        ctx.lo, ctx.hi = sum(counts[:rank]), sum(counts[: rank + 1])
-        return torch.cat([p[:c] for p, c in zip(parts, counts)])
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        import torch.distributed as dist
-
-        total = grad.contiguous().clone()
-        dist.all_reduce(total)
-        return total[ctx.lo : ctx.hi]
 
 
 # ----------------------------------------------------------------------------- the Ray Train worker
 def train_worker(cfg: dict[str, Any]) -> None:
     """`train_loop_per_worker` of the TorchTrainer: build (or resume) the one Stage1Trainer and run it."""
-    import ray.train
+    import ray.train  # Ray is imported when a launch or a worker runs, not with this module
     import ray.train.torch
-
-    from premier.config import PremierConfig
-    from premier.training.base_model import default_premier_config, load_transformer
-    from premier.training.config import Stage1Config
-    from premier.training.prepared import PreparedDataset
-    from premier.training.stage1 import Stage1Trainer, latest_checkpoint
 
     comm = TorchComm()
     device = ray.train.torch.get_device() if cfg.get("use_gpu") else torch.device("cpu")
@@ -219,17 +91,26 @@ def train_worker(cfg: dict[str, Any]) -> None:
     elif cfg.get("resume"):
         resume_from = latest_checkpoint(out)
         if resume_from is None:
-            from premier.errors import InvalidRequestError
-
             raise InvalidRequestError("resume", f"{out / 'checkpoints'} holds no checkpoint to resume from")
     if resume_from is not None:
-        trainer = Stage1Trainer.resume(flux, dataset, out, cfg.get("overrides") or {}, checkpoint=resume_from, comm=comm,
-                                       micro_batch=cfg.get("micro_batch"))
+        trainer = Stage1Trainer.resume(
+            flux,
+            dataset,
+            out,
+            cfg.get("overrides") or {},
+            checkpoint=resume_from,
+            comm=comm,
+            micro_batch=cfg.get("micro_batch"),
+        )
         if comm.rank == 0:
             print(f"resuming from {resume_from} at step {trainer.step} on {comm.world_size} workers", file=sys.stderr)
     else:
         config = Stage1Config.from_dict(cfg.get("overrides") or {})
-        pcfg = PremierConfig.from_dict(cfg["premier_config"]) if cfg.get("premier_config") else default_premier_config(cfg.get("model"), flux)
+        pcfg = (
+            PremierConfig.from_dict(cfg["premier_config"])
+            if cfg.get("premier_config")
+            else default_premier_config(cfg.get("model"), flux)
+        )
         trainer = Stage1Trainer(flux, dataset, out, config, pcfg, comm=comm, micro_batch=cfg.get("micro_batch"))
 
     fault = cfg.get("fault")  # {"rank", "step", "flag"}: kill this worker once (fault-tolerance tests and drills)
@@ -246,7 +127,9 @@ def train_worker(cfg: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory(prefix="premier-ray-ckpt-") as d:
             (Path(d) / POINTER_FILE).write_text(json.dumps({"checkpoint": str(folder.resolve()), "step": tr.step}))
-            ray.train.report({**report, "checkpoint": str(folder.resolve())}, checkpoint=ray.train.Checkpoint.from_directory(d))
+            ray.train.report(
+                {**report, "checkpoint": str(folder.resolve())}, checkpoint=ray.train.Checkpoint.from_directory(d)
+            )
 
     trainer.run(progress=bool(cfg.get("progress")) and comm.rank == 0, on_step=on_step, on_checkpoint=on_checkpoint)
 
@@ -255,33 +138,51 @@ def checkpoint_stamp(folder: Path | None) -> list[Any] | None:
     """Identifies one written checkpoint (name and write time of its trainer state)."""
     if folder is None:
         return None
-    from premier.training.stage1 import TRAINER_STATE
-
     return [folder.name, (folder / TRAINER_STATE).stat().st_mtime_ns]
 
 
-def run_distributed(data: str | Path, out: str | Path, overrides: dict[str, Any], num_workers: int, *, use_gpu: bool = False,
-                    model: str | None = None, premier_config: dict[str, Any] | None = None, resume: bool = False,
-                    max_failures: int = 3, progress: bool = False, fault: dict[str, Any] | None = None,
-                    micro_batch: int | None = None, cpus_per_worker: float = 1.0) -> dict[str, Any]:  # fmt: skip
+def run_distributed(
+    data: str | Path,
+    out: str | Path,
+    overrides: dict[str, Any],
+    num_workers: int,
+    *,
+    use_gpu: bool = False,
+    model: str | None = None,
+    premier_config: dict[str, Any] | None = None,
+    resume: bool = False,
+    max_failures: int = 3,
+    progress: bool = False,
+    fault: dict[str, Any] | None = None,
+    micro_batch: int | None = None,
+    cpus_per_worker: float = 1.0,
+) -> dict[str, Any]:
     """Run stage 1 with a TorchTrainer on the Ray cluster this process is connected to (ray.init first)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from premier.errors import TrainingError
-
-    from premier.training.stage1 import latest_checkpoint
-
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    loop_config = {"data": str(Path(data).resolve()), "out": str(out), "overrides": overrides, "model": model,
-                   "premier_config": premier_config, "resume": resume, "use_gpu": use_gpu, "progress": progress,
-                   "fault": fault, "micro_batch": micro_batch, "latest_at_launch": checkpoint_stamp(latest_checkpoint(out))}  # fmt: skip
+    loop_config = {
+        "data": str(Path(data).resolve()),
+        "out": str(out),
+        "overrides": overrides,
+        "model": model,
+        "premier_config": premier_config,
+        "resume": resume,
+        "use_gpu": use_gpu,
+        "progress": progress,
+        "fault": fault,
+        "micro_batch": micro_batch,
+        "latest_at_launch": checkpoint_stamp(latest_checkpoint(out)),
+    }
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}),
+        scaling_config=ScalingConfig(
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": cpus_per_worker}
+        ),
         run_config=RunConfig(
             # A new name per launch: Ray Train would otherwise restore an earlier launch's state;
             # `--resume` goes through the project's own checkpoints instead.

@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 
-def sample_timesteps(n: int, generator: torch.Generator, scheme: str = "logit_normal", mean: float = 1.0,
-                     std: float = 1.0) -> torch.Tensor:  # fmt: skip
+def sample_timesteps(
+    n: int, generator: torch.Generator, scheme: str = "logit_normal", mean: float = 1.0, std: float = 1.0
+) -> torch.Tensor:
     """t in (0, 1); t = 1 is pure noise. The reference release draws t = sigmoid(N(1, 1))."""
     if scheme == "logit_normal":
         return torch.sigmoid(torch.randn(n, generator=generator) * std + mean)

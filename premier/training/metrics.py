@@ -59,7 +59,10 @@ def plot_losses(metrics_path: str | Path, out: str | Path, title: str = "Premier
         steps, values = zip(*pts)
         line = ax.plot(steps, values, alpha=0.3, linewidth=0.8)[0]
         window = max(1, len(values) // 50)
-        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+        smooth = [
+            sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+            for i in range(len(values))
+        ]
         ax.plot(steps, smooth, color=line.get_color(), label=key)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")

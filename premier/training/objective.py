@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import FluxPipeline
@@ -11,6 +12,9 @@ from diffusers import FluxPipeline
 from premier.adapters import PremierAdapters
 from premier.training.losses import flow_matching_loss, noisy_latents, sample_timesteps
 from premier.transformer import PremierTransformer
+
+if TYPE_CHECKING:
+    from premier.training.prepared import Batch
 
 
 class FlowObjective:
@@ -20,9 +24,16 @@ class FlowObjective:
     direct embedding) and, in stage 1, the adapters.
     """
 
-    def __init__(self, transformer: PremierTransformer, adapters: PremierAdapters, guidance: float = 1.0,
-                 precision: str = "fp32", timestep_sampling: str = "logit_normal", logit_mean: float = 1.0,
-                 logit_std: float = 1.0):  # fmt: skip
+    def __init__(
+        self,
+        transformer: PremierTransformer,
+        adapters: PremierAdapters,
+        guidance: float = 1.0,
+        precision: str = "fp32",
+        timestep_sampling: str = "logit_normal",
+        logit_mean: float = 1.0,
+        logit_std: float = 1.0,
+    ):
         self.transformer = transformer
         self.adapters = adapters
         self.guidance = guidance
@@ -48,8 +59,16 @@ class FlowObjective:
         noise = torch.randn(shape, generator=generator, dtype=torch.float32)
         return t, noise
 
-    def loss(self, latents: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor, user_tokens: torch.Tensor,
-             t: torch.Tensor, noise: torch.Tensor, reduction: str = "mean") -> torch.Tensor:  # fmt: skip
+    def loss(
+        self,
+        latents: torch.Tensor,
+        text: torch.Tensor,
+        pooled: torch.Tensor,
+        user_tokens: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
         dev = self.device
         x0 = latents.to(dev, torch.float32)
         b, c, h, w = x0.shape
@@ -61,7 +80,9 @@ class FlowObjective:
         txt_ids = torch.zeros(text.shape[1], 3, device=dev, dtype=self.compute_dtype)
         guidance = torch.full((b,), self.guidance, device=dev, dtype=torch.float32) if self.uses_guidance else None
         with self.autocast():
-            deltas = self.adapters.text_deltas(text.to(self._adapter_dtype()), user_tokens.to(dev, self._adapter_dtype()))
+            deltas = self.adapters.text_deltas(
+                text.to(self._adapter_dtype()), user_tokens.to(dev, self._adapter_dtype())
+            )
             pred = self.transformer(
                 hidden_states=packed,
                 encoder_hidden_states=text,
@@ -82,7 +103,7 @@ class FixedDrawLoss:
     """Flow-matching loss of fixed examples at fixed (t, noise) draws, so evaluations are comparable
     across steps (held-out early stopping, "did the loss fall" checks)."""
 
-    def __init__(self, objective: FlowObjective, samples: "Batch", draws: int, seed: int):
+    def __init__(self, objective: FlowObjective, samples: Batch, draws: int, seed: int):
         from premier.training.prepared import Batch
 
         g = torch.Generator("cpu").manual_seed(seed)
@@ -102,13 +123,21 @@ class FixedDrawLoss:
         return float(self.objective.loss(b.latents, b.text, b.pooled, tokens, self.t, self.noise))
 
 
-def build_optimizer(params: list[torch.nn.Parameter], optimizer: str, lr: float, weight_decay: float,
-                    betas: tuple[float, float]) -> torch.optim.Optimizer:  # fmt: skip
+def build_optimizer(
+    params: list[torch.nn.Parameter], optimizer: str, lr: float, weight_decay: float, betas: tuple[float, float]
+) -> torch.optim.Optimizer:
     if optimizer == "prodigy":
         from prodigyopt import Prodigy
 
-        return Prodigy(params, lr=lr, betas=betas, weight_decay=weight_decay, use_bias_correction=True,
-                       safeguard_warmup=True, decouple=True)  # fmt: skip
+        return Prodigy(
+            params,
+            lr=lr,
+            betas=betas,
+            weight_decay=weight_decay,
+            use_bias_correction=True,
+            safeguard_warmup=True,
+            decouple=True,
+        )
     if optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {optimizer!r}")

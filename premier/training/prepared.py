@@ -27,14 +27,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 
-from premier.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from premier.errors import InvalidRequestError
+from premier.files import atomic_save_safetensors, atomic_write_bytes, read_safetensors
 from premier.training.dataset import DatasetError, Example, read_dataset
 
 MANIFEST = "dataset.json"
@@ -64,11 +64,15 @@ def check_signature(signature: dict[str, Any], transformer_config: Any) -> None:
     """Refuse to train a transformer on latents or text states it cannot take."""
     problems = []
     if signature["latent_channels"] * 4 != transformer_config.in_channels:
-        problems.append(f"latent channels {signature['latent_channels']} (x4 packed) vs transformer in_channels {transformer_config.in_channels}")
+        problems.append(
+            f"latent channels {signature['latent_channels']} (x4 packed) vs transformer in_channels {transformer_config.in_channels}"
+        )
     if signature["joint_attention_dim"] != transformer_config.joint_attention_dim:
         problems.append(f"T5 width {signature['joint_attention_dim']} vs {transformer_config.joint_attention_dim}")
     if signature["pooled_projection_dim"] != transformer_config.pooled_projection_dim:
-        problems.append(f"pooled width {signature['pooled_projection_dim']} vs {transformer_config.pooled_projection_dim}")
+        problems.append(
+            f"pooled width {signature['pooled_projection_dim']} vs {transformer_config.pooled_projection_dim}"
+        )
     if problems:
         raise DatasetError("the prepared dataset was encoded for another model: " + "; ".join(problems))
 
@@ -76,8 +80,14 @@ def check_signature(signature: dict[str, Any], transformer_config: Any) -> None:
 class DataEncoder:
     """The frozen encoders of a FluxPipeline: images -> latents, prompts -> (T5 states, pooled)."""
 
-    def __init__(self, pipe: Any, resolution: int, max_sequence_length: int | None = None, batch_size: int = 8,
-                 storage_dtype: torch.dtype | None = None):  # fmt: skip
+    def __init__(
+        self,
+        pipe: Any,
+        resolution: int,
+        max_sequence_length: int | None = None,
+        batch_size: int = 8,
+        storage_dtype: torch.dtype | None = None,
+    ):
         multiple = pipe.vae_scale_factor * 2
         if resolution <= 0 or resolution % multiple:
             raise InvalidRequestError("resolution", f"must be a positive multiple of {multiple}, got {resolution}")
@@ -98,7 +108,9 @@ class DataEncoder:
         pipe, out = self.pipe, []
         for i in range(0, len(images), self.batch_size):
             chunk = [im.convert("RGB") for im in images[i : i + self.batch_size]]
-            pixels = pipe.image_processor.preprocess(chunk, height=self.resolution, width=self.resolution, resize_mode="crop")
+            pixels = pipe.image_processor.preprocess(
+                chunk, height=self.resolution, width=self.resolution, resize_mode="crop"
+            )
             latents = pipe.vae.encode(pixels.to(self.device, pipe.vae.dtype)).latent_dist.mode()
             latents = (latents - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
             out.append(latents.to("cpu", self.storage_dtype))
@@ -116,7 +128,9 @@ class DataEncoder:
             pooled.append(pool.to("cpu", self.storage_dtype))
         return torch.cat(texts), torch.cat(pooled)
 
-    def encode_examples(self, examples: Sequence[Example]) -> tuple[dict[str, torch.Tensor], list[Example], list[dict[str, str]]]:
+    def encode_examples(
+        self, examples: Sequence[Example]
+    ) -> tuple[dict[str, torch.Tensor], list[Example], list[dict[str, str]]]:
         """Encode what decodes; return (tensors, kept examples, skipped [{user, file, reason}])."""
         images, kept, skipped = [], [], []
         for ex in examples:
@@ -133,8 +147,10 @@ class DataEncoder:
         return {"latents": latents, "text": text, "pooled": pooled}, kept, skipped
 
 
-def load_image(path: Path) -> tuple[Image.Image | None, str]:
-    """Decode fully (truncated files fail here, not in the VAE); (None, reason) if the file is unusable."""
+def load_image(path: Path | BinaryIO) -> tuple[Image.Image | None, str]:
+    """Decode fully (truncated files fail here, not in the VAE); (None, reason) if the file is unusable.
+
+    `path`: a file, or an open binary stream of one (e.g. io.BytesIO of uploaded bytes)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -166,7 +182,11 @@ def prepare_dataset(
     users = read_dataset(raw)  # every format error before any encoding
     out = Path(out)
     (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    settings = {"resolution": encoder.resolution, "model": encoder.signature, "storage_dtype": str(encoder.storage_dtype).removeprefix("torch.")}
+    settings = {
+        "resolution": encoder.resolution,
+        "model": encoder.signature,
+        "storage_dtype": str(encoder.storage_dtype).removeprefix("torch."),
+    }
     manifest = _read_manifest(out)
     if manifest is not None and manifest["settings"] != settings:
         raise DatasetError(
@@ -186,12 +206,20 @@ def prepare_dataset(
         name = f"{uid}-{k // shard_size:05d}.safetensors"
         fp = _fingerprint(chunk)
         prior = done.get(name)
-        if prior is not None and prior["fingerprint"] == fp and (prior["count"] == 0 or (out / SHARDS_DIR / name).is_file()):
+        if (
+            prior is not None
+            and prior["fingerprint"] == fp
+            and (prior["count"] == 0 or (out / SHARDS_DIR / name).is_file())
+        ):
             shards.append(prior)
         else:
             tensors, kept, skipped = encoder.encode_examples(chunk)
             if kept:
-                meta = {"user": uid, "files": json.dumps([e.file for e in kept]), "prompts": json.dumps([e.prompt for e in kept])}
+                meta = {
+                    "user": uid,
+                    "files": json.dumps([e.file for e in kept]),
+                    "prompts": json.dumps([e.prompt for e in kept]),
+                }
                 atomic_save_safetensors(tensors, out / SHARDS_DIR / name, metadata=meta)
             shards.append({"name": name, "user": uid, "count": len(kept), "fingerprint": fp, "skipped": skipped})
             written = {x["name"] for x in shards}

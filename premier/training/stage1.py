@@ -8,10 +8,11 @@ the DiT batch is (the reference release only gets it across GPUs).
 Everything random comes from one CPU generator whose state is checkpointed with the model
 and the optimizer, so a resumed run takes exactly the steps an uninterrupted one would.
 
-The same trainer runs on N Ray Train workers (premier.training.distributed): `comm` supplies the
-collectives (the identity in one process), every rank draws the same global batch from the same
-generator and computes only the examples of the users it owns; rank 0 writes checkpoints and
-metrics. Nothing saved depends on N, so a run resumes on any number of workers.
+The same trainer runs on N Ray Train workers (launched by premier.training.distributed): `comm`
+(premier.training.collectives) supplies the collectives (the identity in one process), every
+rank draws the same global batch from the same generator and computes only the examples of the
+users it owns; rank 0 writes checkpoints and metrics. Nothing saved depends on N, so a run
+resumes on any number of workers.
 
     OUT/
       checkpoints/step-0000500/    a Premier checkpoint (loadable with --checkpoint) + trainer_state.safetensors
@@ -34,12 +35,12 @@ from typing import Any
 import torch
 from diffusers import FluxTransformer2DModel
 
-from premier.files import atomic_save_safetensors, atomic_write_bytes, fsync_dir, read_safetensors
 from premier.checkpoint import PremierModel
 from premier.config import PremierConfig
 from premier.errors import CheckpointError, InvalidRequestError, TrainingError
+from premier.files import atomic_save_safetensors, atomic_write_bytes, fsync_dir, read_safetensors
+from premier.training.collectives import LocalComm, assign_users, chunk
 from premier.training.config import Stage1Config
-from premier.training.distributed import LocalComm, assign_users, chunk
 from premier.training.losses import dispersion_loss
 from premier.training.metrics import MetricsLog, plot_losses
 from premier.training.objective import FixedDrawLoss, FlowObjective, build_optimizer, current_lr
@@ -57,9 +58,16 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "keep_checkpoints", "log_every
 
 
 class Stage1Trainer:
-    def __init__(self, flux: FluxTransformer2DModel, dataset: PreparedDataset, out: str | Path,
-                 config: Stage1Config, premier_config: PremierConfig, comm: LocalComm | None = None,
-                 micro_batch: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        flux: FluxTransformer2DModel,
+        dataset: PreparedDataset,
+        out: str | Path,
+        config: Stage1Config,
+        premier_config: PremierConfig,
+        comm: LocalComm | None = None,
+        micro_batch: int | None = None,
+    ):
         """`comm`: the workers' collectives (None: one process). `micro_batch`: run this rank's share of
         a step's DiT batch in chunks of at most this many images, accumulating gradients; it bounds the
         activation memory (the share varies from step to step with N workers) and changes nothing else."""
@@ -87,9 +95,14 @@ class Stage1Trainer:
             self.model = PremierModel(premier_config, list(dataset.user_ids)).to(self.device).train()
         self.transformer = PremierTransformer(flux, premier_config)
         self.objective = FlowObjective(
-            self.transformer, self.model.adapters, config.guidance, config.precision,
-            config.timestep_sampling, config.logit_mean, config.logit_std,
-        )  # fmt: skip
+            self.transformer,
+            self.model.adapters,
+            config.guidance,
+            config.precision,
+            config.timestep_sampling,
+            config.logit_mean,
+            config.logit_std,
+        )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         o = config.optim
         self.optimizer = build_optimizer(self.params, o.optimizer, o.lr, o.weight_decay, o.betas)
@@ -103,9 +116,16 @@ class Stage1Trainer:
 
     # ------------------------------------------------------------------ resume
     @classmethod
-    def resume(cls, flux: FluxTransformer2DModel, dataset: PreparedDataset, out: str | Path,
-               overrides: dict[str, Any] | None = None, checkpoint: str | Path | None = None,
-               comm: LocalComm | None = None, micro_batch: int | None = None) -> "Stage1Trainer":  # fmt: skip
+    def resume(
+        cls,
+        flux: FluxTransformer2DModel,
+        dataset: PreparedDataset,
+        out: str | Path,
+        overrides: dict[str, Any] | None = None,
+        checkpoint: str | Path | None = None,
+        comm: LocalComm | None = None,
+        micro_batch: int | None = None,
+    ) -> Stage1Trainer:
         """Continue from `checkpoint` (default: OUT/checkpoints/latest) with its saved settings.
 
         `overrides` may change only RESUMABLE_CHANGES (e.g. more steps); any other setting that
@@ -124,10 +144,13 @@ class Stage1Trainer:
         except (KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{state_file} has no readable settings: {e}") from None
         merged = _merge(saved, overrides or {})
-        changed = sorted(k for k in _flatten(merged) if k not in RESUMABLE_CHANGES and _flatten(merged)[k] != _flatten(saved)[k])
+        changed = sorted(
+            k for k in _flatten(merged) if k not in RESUMABLE_CHANGES and _flatten(merged)[k] != _flatten(saved)[k]
+        )
         if changed:
             raise InvalidRequestError(
-                "resume", f"settings differ from the checkpoint's: {', '.join(changed)} (only {', '.join(RESUMABLE_CHANGES)} may change)"
+                "resume",
+                f"settings differ from the checkpoint's: {', '.join(changed)} (only {', '.join(RESUMABLE_CHANGES)} may change)",
             )
         saved = Stage1Config.from_dict(merged)
         model, ckpt_id = PremierModel.load(folder)
@@ -137,7 +160,9 @@ class Stage1Trainer:
         with torch.no_grad():
             for mine, theirs in zip(trainer.model.parameters(), model.parameters()):
                 mine.copy_(theirs)
-        load_optimizer(trainer.optimizer, {k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta["optimizer"])
+        load_optimizer(
+            trainer.optimizer, {k: v for k, v in tensors.items() if k.startswith("optimizer.")}, meta["optimizer"]
+        )
         trainer.generator.set_state(tensors["rng.generator"])
         trainer.step = int(meta["step"])
         trainer.last_checkpoint = folder
@@ -157,8 +182,15 @@ class Stage1Trainer:
         fm_sum = torch.zeros((), device=self.device)
         for part in mine.split(self.micro_batch or len(mine)) if len(mine) else ():
             batch = ds.get(indices[part].tolist())
-            part_sum = self.objective.loss(batch.latents, batch.text, batch.pooled, self.model.users(batch.users.to(self.device)),
-                                           t[part], noise[part], reduction="sum")  # fmt: skip
+            part_sum = self.objective.loss(
+                batch.latents,
+                batch.text,
+                batch.pooled,
+                self.model.users(batch.users.to(self.device)),
+                t[part],
+                noise[part],
+                reduction="sum",
+            )
             (part_sum / cfg.batch_size).backward()  # this rank's share of the global mean
             fm_sum = fm_sum + part_sum.detach()
         fm = comm.sum(fm_sum / cfg.batch_size)
@@ -184,15 +216,24 @@ class Stage1Trainer:
         comm.all_reduce_grads(self.params)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
         if not (math.isfinite(float(loss)) and math.isfinite(float(grad_norm))):
-            where = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
+            where = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no checkpoint was written yet"
+            )
             raise TrainingError(
                 f"non-finite loss ({float(loss)}) or gradient norm ({float(grad_norm)}) at step {self.step + 1}; "
                 f"stopped without applying it; {where}"
             )
         self.optimizer.step()
         self.step += 1
-        metrics.update(step=self.step, loss=float(loss), grad_norm=float(grad_norm), lr=current_lr(self.optimizer),
-                       seconds=time.perf_counter() - started)  # fmt: skip
+        metrics.update(
+            step=self.step,
+            loss=float(loss),
+            grad_norm=float(grad_norm),
+            lr=current_lr(self.optimizer),
+            seconds=time.perf_counter() - started,
+        )
         return metrics
 
     def evaluate(self, indices: list[int], draws: int = 4, seed: int = 12345) -> float:
@@ -208,9 +249,12 @@ class Stage1Trainer:
         """Rank 0 writes metrics, plots and checkpoints; the other ranks hold identical state."""
         return self.comm.rank == 0
 
-    def run(self, progress: bool = True,
-            on_step: Callable[["Stage1Trainer", dict[str, Any]], None] | None = None,
-            on_checkpoint: Callable[["Stage1Trainer", dict[str, Any], Path | None], None] | None = None) -> dict[str, Any]:  # fmt: skip
+    def run(
+        self,
+        progress: bool = True,
+        on_step: Callable[[Stage1Trainer, dict[str, Any]], None] | None = None,
+        on_checkpoint: Callable[[Stage1Trainer, dict[str, Any], Path | None], None] | None = None,
+    ) -> dict[str, Any]:
         """Train to `config.steps`. `on_step(trainer, metrics)` runs after every step on every rank;
         `on_checkpoint(trainer, metrics, folder)` after every checkpoint step on every rank, with the
         folder written on rank 0 and None elsewhere (Ray Train reports from it)."""
@@ -239,7 +283,11 @@ class Stage1Trainer:
             bar.close()
             if self._log is not None:
                 self._log.close()
-        return {"step": self.step, "last": last, "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None}
+        return {
+            "step": self.step,
+            "last": last,
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+        }
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> Path:
@@ -253,8 +301,13 @@ class Stage1Trainer:
             ckpt_id = self.model.save(tmp)
             tensors, structure = optimizer_to_tensors(self.optimizer)
             tensors["rng.generator"] = self.generator.get_state()
-            meta = {"step": str(self.step), "config": self.config.to_json(), "optimizer": structure,
-                    "checkpoint_id": ckpt_id, "dataset": str(self.dataset.folder)}  # fmt: skip
+            meta = {
+                "step": str(self.step),
+                "config": self.config.to_json(),
+                "optimizer": structure,
+                "checkpoint_id": ckpt_id,
+                "dataset": str(self.dataset.folder),
+            }
             atomic_save_safetensors(tensors, tmp / TRAINER_STATE, metadata=meta)
             final = folder / name
             shutil.rmtree(final, ignore_errors=True)
@@ -263,7 +316,11 @@ class Stage1Trainer:
             atomic_write_bytes(folder / LATEST, name.encode())
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no earlier checkpoint exists"
+            kept = (
+                f"the last good checkpoint is {self.last_checkpoint}"
+                if self.last_checkpoint
+                else "no earlier checkpoint exists"
+            )
             raise TrainingError(f"could not write checkpoint {name} ({e.strerror or e}); {kept}") from e
         self.last_checkpoint = final
         self._prune(folder)

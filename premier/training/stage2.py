@@ -54,9 +54,16 @@ class UserParameters(nn.Module):
         return self.value
 
 
-def fit_user(flux: FluxTransformer2DModel, premier: PremierModel, checkpoint_id: str, samples: Batch,
-             user_id: str, config: Stage2Config = Stage2Config(), files: list[str] | None = None,
-             progress: bool = True) -> FitResult:  # fmt: skip
+def fit_user(
+    flux: FluxTransformer2DModel,
+    premier: PremierModel,
+    checkpoint_id: str,
+    samples: Batch,
+    user_id: str,
+    config: Stage2Config = Stage2Config(),
+    files: list[str] | None = None,
+    progress: bool = True,
+) -> FitResult:
     """Fit `user_id` on the encoded `samples` (one user's images); returns its record and the loss history."""
     validate_user_id(user_id)
     config.check()
@@ -69,8 +76,15 @@ def fit_user(flux: FluxTransformer2DModel, premier: PremierModel, checkpoint_id:
     if config.precision == "bf16":
         flux.to(torch.bfloat16)
     transformer = PremierTransformer(flux, premier.config)
-    objective = FlowObjective(transformer, premier.adapters, config.guidance, config.precision,
-                              config.timestep_sampling, config.logit_mean, config.logit_std)  # fmt: skip
+    objective = FlowObjective(
+        transformer,
+        premier.adapters,
+        config.guidance,
+        config.precision,
+        config.timestep_sampling,
+        config.logit_mean,
+        config.logit_std,
+    )
     params = UserParameters(premier.users.weight.to(device), config.mode)
     o = config.optim
     optimizer = build_optimizer([params.value], o.optimizer, o.lr, o.weight_decay, o.betas)
@@ -103,7 +117,9 @@ def fit_user(flux: FluxTransformer2DModel, premier: PremierModel, checkpoint_id:
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_([params.value], o.grad_clip)
             if not (math.isfinite(float(loss.detach())) and math.isfinite(float(grad_norm))):
-                raise TrainingError(f"non-finite loss ({float(loss.detach())}) at fitting step {step + 1}; nothing was written")
+                raise TrainingError(
+                    f"non-finite loss ({float(loss.detach())}) at fitting step {step + 1}; nothing was written"
+                )
             optimizer.step()
             step += 1
             recent = (recent + [float(loss.detach())])[-50:]

@@ -38,7 +38,9 @@ def _join(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return value
 
 
-def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str = "optimizer") -> tuple[dict[str, torch.Tensor], str]:
+def optimizer_to_tensors(
+    optimizer: torch.optim.Optimizer, prefix: str = "optimizer"
+) -> tuple[dict[str, torch.Tensor], str]:
     tensors: dict[str, torch.Tensor] = {}
     structure = _split(optimizer.state_dict(), prefix, tensors)
     return tensors, json.dumps(structure)

@@ -60,8 +60,9 @@ class PromptBank:
     def __init__(self, pipe: FluxPipeline, max_sequence_length: int):
         prompts = list(PROMPTS) + [""]
         with torch.inference_mode():
-            text, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=pipe.transformer.device,
-                                                 max_sequence_length=max_sequence_length)  # fmt: skip
+            text, pooled, _ = pipe.encode_prompt(
+                prompt=prompts, prompt_2=None, device=pipe.transformer.device, max_sequence_length=max_sequence_length
+            )
         self.text, self.pooled = text.clone().float(), pooled.clone().float()
         self.index = {p: i for i, p in enumerate(prompts)}
 
@@ -70,8 +71,14 @@ class PromptBank:
         return self.text[idx], self.pooled[idx]
 
 
-def flux_loss(flux: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor, pooled: torch.Tensor,
-              t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+def flux_loss(
+    flux: torch.nn.Module,
+    latents: torch.Tensor,
+    text: torch.Tensor,
+    pooled: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """Flow-matching loss of the plain diffusers transformer (no Premier deltas)."""
     b, c, h, w = latents.shape
     xt, target = noisy_latents(latents, noise, t)
@@ -79,8 +86,16 @@ def flux_loss(flux: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor, 
     target = FluxPipeline._pack_latents(target, b, c, h, w)
     img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, latents.device, latents.dtype)
     txt_ids = torch.zeros(text.shape[1], 3, device=latents.device, dtype=latents.dtype)
-    pred = flux(hidden_states=packed, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
-                img_ids=img_ids, txt_ids=txt_ids, guidance=None, return_dict=False)[0]  # fmt: skip
+    pred = flux(
+        hidden_states=packed,
+        encoder_hidden_states=text,
+        pooled_projections=pooled,
+        timestep=t,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=None,
+        return_dict=False,
+    )[0]
     return flow_matching_loss(pred, target)
 
 
@@ -91,8 +106,13 @@ def encode_pixels(pipe: FluxPipeline, images: np.ndarray) -> torch.Tensor:
     return (z - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
 
-def train_base(pipe: FluxPipeline, out: str | Path, config: BaseTrainConfig = BaseTrainConfig(),
-               max_sequence_length: int = 16, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def train_base(
+    pipe: FluxPipeline,
+    out: str | Path,
+    config: BaseTrainConfig = BaseTrainConfig(),
+    max_sequence_length: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train `pipe.transformer` in place; write OUT/transformer (float16 safetensors) and OUT/base_metrics.jsonl."""
     config.check()
     out = Path(out)
@@ -117,7 +137,9 @@ def train_base(pipe: FluxPipeline, out: str | Path, config: BaseTrainConfig = Ba
     with open(out / "base_metrics.jsonl", "w") as log:
         last = min(config.steps, config.stop_at or config.steps)
         for step in tqdm(range(last), disable=not progress, desc="base", unit="step"):
-            items = [(random_content(rng), random_style(rng), int(rng.integers(2**31))) for _ in range(config.batch_size)]
+            items = [
+                (random_content(rng), random_style(rng), int(rng.integers(2**31))) for _ in range(config.batch_size)
+            ]
             latents = encode_pixels(pipe, render_batch(items))
             text, pooled = bank.get([c.prompt for c, _, _ in items])
             t = sample_timesteps(config.batch_size, g, "logit_normal", config.logit_mean, config.logit_std)
@@ -130,8 +152,12 @@ def train_base(pipe: FluxPipeline, out: str | Path, config: BaseTrainConfig = Ba
             scheduler.step()
             recent = (recent + [float(loss.detach())])[-config.log_every :]
             if (step + 1) % config.log_every == 0 or step + 1 == last:
-                log.write(json.dumps({"step": step + 1, "loss": sum(recent) / len(recent),
-                                      "seconds": time.perf_counter() - started}) + "\n")  # fmt: skip
+                log.write(
+                    json.dumps(
+                        {"step": step + 1, "loss": sum(recent) / len(recent), "seconds": time.perf_counter() - started}
+                    )
+                    + "\n"
+                )
                 log.flush()
             if (step + 1) % config.save_every == 0 and step + 1 < last:
                 save_transformer(flux, out / TRANSFORMER_DIR)
@@ -149,4 +175,3 @@ def save_transformer(flux: torch.nn.Module, folder: Path) -> None:
             p.copy_(p.half().float())
     flux.to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
     flux.to(torch.float32)
-

@@ -30,8 +30,13 @@ from premier.checkpoint import ADAPTERS_FILE, USERS_FILE, PremierModel
 from premier.config import CONFIG_NAME
 from premier.errors import InvalidRequestError
 from premier.models.embedded import (
-    DEMO_USERS, PREMIER_DIR, USERS_DIR, EmbeddedSpec, build_embedded_flux, embedded_premier_config,
-)  # fmt: skip
+    DEMO_USERS,
+    PREMIER_DIR,
+    USERS_DIR,
+    EmbeddedSpec,
+    build_embedded_flux,
+    embedded_premier_config,
+)
 from premier.training.config import OptimConfig, Stage1Config, Stage2Config
 from premier.training.prepared import DataEncoder, PreparedDataset
 from premier.training.stage1 import latest_checkpoint
@@ -53,31 +58,51 @@ class BuildConfig:
     # CPU budget is a few thousand steps, hence the high learning rate. Dispersion with the paper's
     # weights but on mean-scaled distances: the feature-dimension scaling is unbounded below and its
     # inflated deltas stopped the model from personalising (docs/world.md).
-    stage1: Stage1Config = Stage1Config(steps=3000, batch_size=32, dispersion_users=64, dispersion_scale="mean",
-                                        checkpoint_every=500, keep_checkpoints=1, log_every=10,
-                                        optim=OptimConfig("adamw", lr=5e-3, weight_decay=1e-4))  # fmt: skip
+    stage1: Stage1Config = Stage1Config(
+        steps=3000,
+        batch_size=32,
+        dispersion_users=64,
+        dispersion_scale="mean",
+        checkpoint_every=500,
+        keep_checkpoints=1,
+        log_every=10,
+        optim=OptimConfig("adamw", lr=5e-3, weight_decay=1e-4),
+    )
     # No held-out early stopping: with one held-out 32x32 image the loss at 8 draws is too noisy to
     # rank steps (measured: 3 of 4 demo users kept their initial coefficients).
-    stage2: Stage2Config = Stage2Config(steps=100, batch_size=4, holdout_min_images=1000,
-                                        optim=OptimConfig("adamw", lr=5e-3, weight_decay=0.0))  # fmt: skip
+    stage2: Stage2Config = Stage2Config(
+        steps=100, batch_size=4, holdout_min_images=1000, optim=OptimConfig("adamw", lr=5e-3, weight_decay=0.0)
+    )
     probe: ProbeConfig = ProbeConfig()
 
     def to_dict(self) -> dict[str, Any]:
-        return {"world": self.world.to_dict(), "base": asdict(self.base), "stage1": self.stage1.to_dict(),
-                "stage2": self.stage2.to_dict(), "probe": asdict(self.probe)}  # fmt: skip
+        return {
+            "world": self.world.to_dict(),
+            "base": asdict(self.base),
+            "stage1": self.stage1.to_dict(),
+            "stage2": self.stage2.to_dict(),
+            "probe": asdict(self.probe),
+        }
 
     @classmethod
-    def quick(cls) -> "BuildConfig":
+    def quick(cls) -> BuildConfig:
         """Seconds, not minutes: for tests and smoke runs (the result is not a useful model)."""
         return cls(
-            world=WorldConfig(train_users=4, min_images=3, max_images=5, test_users=2, test_history=4, test_prompts=2,
-                              demo_images=3),
+            world=WorldConfig(
+                train_users=4, min_images=3, max_images=5, test_users=2, test_history=4, test_prompts=2, demo_images=3
+            ),
             base=BaseTrainConfig(steps=2, batch_size=4, warmup=1, log_every=1, stop_at=None),
-            stage1=Stage1Config(steps=2, batch_size=2, dispersion_users=4, checkpoint_every=2, keep_checkpoints=1,
-                                optim=OptimConfig("adamw", lr=1e-3)),
+            stage1=Stage1Config(
+                steps=2,
+                batch_size=2,
+                dispersion_users=4,
+                checkpoint_every=2,
+                keep_checkpoints=1,
+                optim=OptimConfig("adamw", lr=1e-3),
+            ),
             stage2=Stage2Config(steps=2, batch_size=2, eval_every=1, patience=1, optim=OptimConfig("adamw", lr=5e-3)),
             probe=ProbeConfig(steps=2, batch_size=8, width=8, features=16),
-        )  # fmt: skip
+        )
 
 
 def stage1_dir(work: Path, variant: str) -> Path:
@@ -91,8 +116,14 @@ def read_world(out: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def build(out: str | Path, work: str | Path, config: BuildConfig = BuildConfig(), only: tuple[str, ...] = STEPS,
-          progress: bool = True, log=print) -> dict[str, Any]:  # fmt: skip
+def build(
+    out: str | Path,
+    work: str | Path,
+    config: BuildConfig = BuildConfig(),
+    only: tuple[str, ...] = STEPS,
+    progress: bool = True,
+    log=print,
+) -> dict[str, Any]:
     unknown = sorted(set(only) - set(STEPS))
     if unknown:
         raise InvalidRequestError("steps", f"unknown step(s) {', '.join(unknown)}; choose from {', '.join(STEPS)}")
@@ -112,14 +143,22 @@ def build(out: str | Path, work: str | Path, config: BuildConfig = BuildConfig()
         info["seconds"] = round(time.perf_counter() - started, 1)
         record["steps"][step] = info
         (out / WORLD_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        log(f"world build: {step} done in {info['seconds']:.0f}s {json.dumps({k: v for k, v in info.items() if k != 'seconds'})}")
+        log(
+            f"world build: {step} done in {info['seconds']:.0f}s {json.dumps({k: v for k, v in info.items() if k != 'seconds'})}"
+        )
 
     if "data" in only:
         t = time.perf_counter()
         shutil.rmtree(work / "raw", ignore_errors=True)
         shutil.rmtree(work / "prepared", ignore_errors=True)
         write_training_data(config.world, work / "raw")
-        ds = prepare(build_embedded_flux(weights=None), work / "raw", work / "prepared", spec.image_size, spec.max_sequence_length)
+        ds = prepare(
+            build_embedded_flux(weights=None),
+            work / "raw",
+            work / "prepared",
+            spec.image_size,
+            spec.max_sequence_length,
+        )
         done("data", t, users=len(ds.user_ids), images=len(ds))
 
     if "base" in only:
@@ -143,11 +182,15 @@ def build(out: str | Path, work: str | Path, config: BuildConfig = BuildConfig()
         t = time.perf_counter()
         pipe = build_embedded_flux(weights=out)
         premier, ckpt = PremierModel.load(out / PREMIER_DIR)
-        encoder = DataEncoder(pipe, spec.image_size, spec.max_sequence_length, batch_size=64, storage_dtype=torch.float32)
+        encoder = DataEncoder(
+            pipe, spec.image_size, spec.max_sequence_length, batch_size=64, storage_dtype=torch.float32
+        )
         (out / USERS_DIR).mkdir(parents=True, exist_ok=True)
         fitted = {}
         for user in demo_users(config.world):
-            result = fit(pipe.transformer, premier, ckpt, encode_user(encoder, user), user.user_id, "coefficients", config.stage2)
+            result = fit(
+                pipe.transformer, premier, ckpt, encode_user(encoder, user), user.user_id, "coefficients", config.stage2
+            )
             fit_info = dict(result.record.fit, source="premier world build", style=user.style.describe())
             result.record.touched(fit=fit_info).save(out / USERS_DIR / f"{user.user_id}.safetensors")
             fitted[user.user_id] = {"steps": fit_info["steps"], "held_out_loss": fit_info["held_out_loss"]}
@@ -159,7 +202,9 @@ def build(out: str | Path, work: str | Path, config: BuildConfig = BuildConfig()
         probe, info = train_probe(config.probe, progress=progress)
         probe.save(out / PROBE_DIR)
         checks = validate_probe(probe)
-        done("probe", t, final_loss=round(info["final_loss"], 4), validation={k: round(v, 4) for k, v in checks.items()})
+        done(
+            "probe", t, final_loss=round(info["final_loss"], 4), validation={k: round(v, 4) for k, v in checks.items()}
+        )
     return record
 
 

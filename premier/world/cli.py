@@ -63,7 +63,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     world = WorldConfig(seed=args.seed)
     users = demo_users(world) + training_users(world)[: args.users]
-    contents = [ALL_CONTENTS[i] for i in np.random.default_rng(args.seed).permutation(len(ALL_CONTENTS))[: args.prompts]]
+    contents = [
+        ALL_CONTENTS[i] for i in np.random.default_rng(args.seed).permutation(len(ALL_CONTENTS))[: args.prompts]
+    ]
     rows = [np.concatenate([render(c, u.style, seed=j) for j, c in enumerate(contents)], axis=1) for u in users]
     sheet = np.concatenate(rows, axis=0)
     out = Path(args.output)
@@ -96,15 +98,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     config = EvalConfig.quick() if args.quick else EvalConfig()
-    overrides = {k: getattr(args, k) for k in ("test_users", "history", "sweep", "sweep_users", "denoise_steps")
-                 if getattr(args, k) is not None}  # fmt: skip
+    overrides = {
+        k: getattr(args, k)
+        for k in ("test_users", "history", "sweep", "sweep_users", "denoise_steps")
+        if getattr(args, k) is not None
+    }
     if args.variants:
         overrides["variants"] = tuple(v for v in args.variants.split(",") if v)
     from dataclasses import replace
 
     config = replace(config, **overrides)
     started = time.perf_counter()
-    command = "premier " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "premier eval"
+    command = (
+        "premier " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["eval"] else "premier eval"
+    )
     results = run_eval(args.world, args.work, args.docs, config, command, progress=not args.quiet)
     print(f"premier eval: {time.perf_counter() - started:.0f}s; wrote " + ", ".join(results["written"]))
     return 0
@@ -120,27 +127,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND")
     sub.required = True
 
-    p = sub.add_parser("build", help="regenerate the shipped world models from scratch",
-                       description="Write the world's data, pretrain the base model, run stage 1, fit the demo users "
-                                   "and train the metric probe (each step's time is recorded in OUT/world.json).")  # fmt: skip
+    p = sub.add_parser(
+        "build",
+        help="regenerate the shipped world models from scratch",
+        description="Write the world's data, pretrain the base model, run stage 1, fit the demo users "
+        "and train the metric probe (each step's time is recorded in OUT/world.json).",
+    )
     p.add_argument("--out", default=assets, help=f"where the shipped files go (default: {assets})")
     p.add_argument("--work", default=DEFAULT_WORK, help=f"scratch folder for data and runs (default: {DEFAULT_WORK})")
-    p.add_argument("--only", help="comma-separated subset of steps: data,base,stage1,users,probe (default: all, in order)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes that run in seconds (a smoke test, not a useful model)")
+    p.add_argument(
+        "--only", help="comma-separated subset of steps: data,base,stage1,users,probe (default: all, in order)"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="tiny sizes that run in seconds (a smoke test, not a useful model)"
+    )
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("show", help="render a contact sheet of users' styles", description="Render users x prompts as one PNG.")
+    p = sub.add_parser(
+        "show", help="render a contact sheet of users' styles", description="Render users x prompts as one PNG."
+    )
     p.add_argument("-o", "--output", default="world.png", help="output PNG (default world.png)")
-    p.add_argument("--users", type=_positive_int, default=4, help="training users shown after the demo users (default 4)")
+    p.add_argument(
+        "--users", type=_positive_int, default=4, help="training users shown after the demo users (default 4)"
+    )
     p.add_argument("--prompts", type=_positive_int, default=6, help="prompts per row (default 6)")
     p.add_argument("--scale", type=_positive_int, default=4, help="pixel scale factor (default 4)")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
     p.set_defaults(func=cmd_show)
 
-    p = sub.add_parser("validate-probe", help="check the metric probe's pair criteria on fresh renders",
-                       description="Own style beats another style, own prompt beats another prompt, in >= 95%% of pairs.")  # fmt: skip
+    p = sub.add_parser(
+        "validate-probe",
+        help="check the metric probe's pair criteria on fresh renders",
+        description="Own style beats another style, own prompt beats another prompt, in >= 95%% of pairs.",
+    )
     p.add_argument("--world", default=assets, help=f"built world folder (default: {assets})")
     p.add_argument("--pairs", type=_positive_int, default=400, help="pairs per criterion (default 400)")
     p.add_argument("--seed", type=int, default=1234, help="seed of the fresh renders (default 1234)")
@@ -150,12 +171,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="the paper's Table 1/2 and Fig. 6 questions on the world's held-out test users",
         description="Fit held-out test users, generate their test prompts with the base model, Premier and its "
-                    "ablations, score every image with the probe, and write docs/eval.md and PNG plots.",
-    )  # fmt: skip
+        "ablations, score every image with the probe, and write docs/eval.md and PNG plots.",
+    )
     p.add_argument("--world", default=assets, help=f"built world folder (default: {assets})")
-    p.add_argument("--work", default=DEFAULT_WORK, help=f"scratch folder; ablation runs are trained here once (default: {DEFAULT_WORK})")
+    p.add_argument(
+        "--work",
+        default=DEFAULT_WORK,
+        help=f"scratch folder; ablation runs are trained here once (default: {DEFAULT_WORK})",
+    )
     p.add_argument("--docs", default="docs", help="where eval.md, eval.json and the plots go (default docs)")
-    p.add_argument("--variants", help="comma-separated: premier,no_dispersion,no_shared,no_distinct,no_ppm (default: all)")
+    p.add_argument(
+        "--variants", help="comma-separated: premier,no_dispersion,no_shared,no_distinct,no_ppm (default: all)"
+    )
     p.add_argument("--test-users", type=_positive_int, help="held-out users to evaluate (default 12, all of them)")
     p.add_argument("--history", type=_positive_int, help="history images per test user (default 8)")
     p.add_argument("--sweep", type=_int_list, help="history sizes for the fitting sweep (default 1,2,4,8,16,32)")

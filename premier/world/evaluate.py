@@ -10,6 +10,8 @@ against the ground truth. Rows:
   the same data and budget (the shipped checkpoint is `premier`; ablations are trained into
   WORK on first use and reused afterwards);
 - the Fig. 6 sweep: linear combination vs direct fitting at each history size.
+
+This module runs the evaluation; premier/world/report.py writes its report (Markdown, plots, JSON).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,20 +40,10 @@ from premier.training.stage1 import latest_checkpoint
 from premier.world.build import PROBE_DIR, read_world, stage1_dir
 from premier.world.probe import WorldProbe
 from premier.world.render import render
+from premier.world.report import write_report
 from premier.world.spec import content_of
 from premier.world.stages import VARIANTS, build_trainer, encode_user, fit, prepare, use_variant
 from premier.world.users import WorldConfig, WorldUser, held_out_users, write_training_data
-
-LABELS = {
-    "premier": "Premier (full)",
-    "no_dispersion": "w/o dispersion loss",
-    "no_shared": "w/o block-shared adapter",
-    "no_distinct": "w/o block-distinct adapter",
-    "no_ppm": "w/o PPM (empty prompt into the adapters)",
-}
-
-
-START_LABEL = "Premier, no history (stage 2's starting point: the mean training user)"
 
 
 @dataclass(frozen=True)
@@ -78,7 +71,7 @@ class EvalConfig:
             raise InvalidRequestError("denoise_steps", "must be positive")
 
     @classmethod
-    def quick(cls) -> "EvalConfig":
+    def quick(cls) -> EvalConfig:
         return cls(test_users=1, history=2, sweep=(1, 2), sweep_users=1, denoise_steps=2)
 
 
@@ -106,8 +99,11 @@ class ResultCache:
 
     def put(self, name: str, row: dict[str, float], images: np.ndarray) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors({"images": torch.from_numpy(np.ascontiguousarray(images))},
-                                self.folder / f"{name}.safetensors", metadata={"row": json.dumps(row)})  # fmt: skip
+        atomic_save_safetensors(
+            {"images": torch.from_numpy(np.ascontiguousarray(images))},
+            self.folder / f"{name}.safetensors",
+            metadata={"row": json.dumps(row)},
+        )
 
 
 class Evaluator:
@@ -123,22 +119,36 @@ class Evaluator:
         self.spec = EmbeddedSpec()
         self.flux_pipe = build_embedded_flux(weights=self.world_dir)
         self.profile = profile_for(self.flux_pipe, embedded=True)
-        self.encoder = DataEncoder(self.flux_pipe, self.spec.image_size, self.spec.max_sequence_length, batch_size=64,
-                                   storage_dtype=torch.float32)  # fmt: skip
+        self.encoder = DataEncoder(
+            self.flux_pipe,
+            self.spec.image_size,
+            self.spec.max_sequence_length,
+            batch_size=64,
+            storage_dtype=torch.float32,
+        )
         self.probe = WorldProbe.load(self.world_dir / PROBE_DIR)
         self.users = held_out_users(self.world)[: config.test_users]
         self.empty_text = self.encoder.encode_prompts([""])[0][0]
         self.requests = [(u, p) for u in self.users for p in u.test_prompts]
-        self.settings = GenerationSettings(height=self.spec.image_size, width=self.spec.image_size,
-                                           steps=config.denoise_steps, guidance=1.0)  # fmt: skip
+        self.settings = GenerationSettings(
+            height=self.spec.image_size, width=self.spec.image_size, steps=config.denoise_steps, guidance=1.0
+        )
         self.reused: list[str] = []
-        self.cache = ResultCache(self.work / "eval-cache", {
-            "world": {k: self.info["steps"].get(k, {}).get("checkpoint_id") for k in ("stage1",)},
-            "config": self.info["config"], "test_users": config.test_users, "history": config.history,
-            "denoise_steps": config.denoise_steps, "seed": config.seed,
-        })  # fmt: skip
+        self.cache = ResultCache(
+            self.work / "eval-cache",
+            {
+                "world": {k: self.info["steps"].get(k, {}).get("checkpoint_id") for k in ("stage1",)},
+                "config": self.info["config"],
+                "test_users": config.test_users,
+                "history": config.history,
+                "denoise_steps": config.denoise_steps,
+                "seed": config.seed,
+            },
+        )
 
-    def cached(self, name: str, compute: Callable[[], tuple[dict[str, float], np.ndarray]]) -> tuple[dict[str, float], np.ndarray]:
+    def cached(
+        self, name: str, compute: Callable[[], tuple[dict[str, float], np.ndarray]]
+    ) -> tuple[dict[str, float], np.ndarray]:
         hit = self.cache.get(name)
         if hit is not None:
             self.log(f"eval: {name} from the cache")
@@ -170,27 +180,53 @@ class Evaluator:
         import shutil
 
         shutil.rmtree(run, ignore_errors=True)
-        trainer = build_trainer(self.flux_pipe.transformer, PreparedDataset(prepared), run, variant, self.stage1,
-                                embedded_premier_config(self.spec))  # fmt: skip
+        trainer = build_trainer(
+            self.flux_pipe.transformer,
+            PreparedDataset(prepared),
+            run,
+            variant,
+            self.stage1,
+            embedded_premier_config(self.spec),
+        )
         trainer.run(progress=self.progress)
-        self.log(f"eval: trained stage 1 '{variant}' ({self.stage1.steps} steps) in {time.perf_counter() - started:.0f}s")
+        self.log(
+            f"eval: trained stage 1 '{variant}' ({self.stage1.steps} steps) in {time.perf_counter() - started:.0f}s"
+        )
         folder = latest_checkpoint(run)
         assert folder is not None
         return folder
 
-    def fit_users(self, premier: PremierModel, ckpt: str, users: list[WorldUser], k: int, mode: str) -> list[torch.Tensor]:
+    def fit_users(
+        self, premier: PremierModel, ckpt: str, users: list[WorldUser], k: int, mode: str
+    ) -> list[torch.Tensor]:
         tokens = []
         for user in users:
-            result = fit(self.flux_pipe.transformer, premier, ckpt, encode_user(self.encoder, user, k), user.user_id, mode,
-                         self.stage2)  # fmt: skip
-            tokens.append(result.record.materialise(premier.users, ckpt) if mode == "coefficients" else result.record.vector)
+            result = fit(
+                self.flux_pipe.transformer,
+                premier,
+                ckpt,
+                encode_user(self.encoder, user, k),
+                user.user_id,
+                mode,
+                self.stage2,
+            )
+            tokens.append(
+                result.record.materialise(premier.users, ckpt) if mode == "coefficients" else result.record.vector
+            )
         return tokens
 
-    def generate(self, premier: PremierModel | None, ckpt: str | None, tokens: dict[str, torch.Tensor] | None,
-                 users: list[WorldUser]) -> np.ndarray:  # fmt: skip
+    def generate(
+        self,
+        premier: PremierModel | None,
+        ckpt: str | None,
+        tokens: dict[str, torch.Tensor] | None,
+        users: list[WorldUser],
+    ) -> np.ndarray:
         pipe = PremierPipeline(self.flux_pipe, premier, self.profile, ckpt)
-        reqs = [GenerationRequest(p, tokens[u.user_id] if tokens else None, self.config.seed + i)
-                for i, (u, p) in enumerate((u, p) for u in users for p in u.test_prompts)]  # fmt: skip
+        reqs = [
+            GenerationRequest(p, tokens[u.user_id] if tokens else None, self.config.seed + i)
+            for i, (u, p) in enumerate((u, p) for u in users for p in u.test_prompts)
+        ]
         out = []
         for i in range(0, len(reqs), 128):
             out += [r.image for r in pipe(reqs[i : i + 128], self.settings, output_type="np")]
@@ -220,13 +256,19 @@ class Evaluator:
     def run(self, on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """All rows; `on_update` gets the results so far after each row (a long run reports as it goes)."""
         cfg, started = self.config, time.perf_counter()
-        results: dict[str, Any] = {"config": {**cfg.__dict__, "sweep": list(cfg.sweep), "variants": list(cfg.variants)},
-                                   "world": self.info["config"], "rows": {}, "sweep": {}}  # fmt: skip
+        results: dict[str, Any] = {
+            "config": {**cfg.__dict__, "sweep": list(cfg.sweep), "variants": list(cfg.variants)},
+            "world": self.info["config"],
+            "rows": {},
+            "sweep": {},
+        }
         users = self.users
         truth = np.stack([render(content_of(p), u.style, jitter=False) for u, p in self.requests])
         results["rows"]["ground_truth"] = self.score(truth, users, None)
         base_images = self.generate(None, None, None, users)  # cheap, and every win rate needs it
-        results["rows"]["base"], base = self.cached("base", lambda: (self.score(base_images, users, base_images), base_images))
+        results["rows"]["base"], base = self.cached(
+            "base", lambda: (self.score(base_images, users, base_images), base_images)
+        )
         self.log(f"eval: base {results['rows']['base']}")
         styles = [u.style for u, _ in self.requests]
         pairs = results["pairs"] = {"base": self._pairs(base, styles)}
@@ -263,7 +305,9 @@ class Evaluator:
 
             def table_row() -> tuple[dict[str, float], np.ndarray]:
                 premier, ckpt = load()
-                tokens = dict(zip([u.user_id for u in users], self.fit_users(premier, ckpt, users, cfg.history, "coefficients")))
+                tokens = dict(
+                    zip([u.user_id for u in users], self.fit_users(premier, ckpt, users, cfg.history, "coefficients"))
+                )
                 imgs = self.generate(premier, ckpt, tokens, users)
                 return self.score(imgs, users, base), imgs
 
@@ -280,7 +324,12 @@ class Evaluator:
 
                         def sweep_row(mode: str = mode, k: int = k) -> tuple[dict[str, float], np.ndarray]:
                             premier, ckpt = load()
-                            toks = dict(zip([u.user_id for u in sweep_users], self.fit_users(premier, ckpt, sweep_users, k, mode)))
+                            toks = dict(
+                                zip(
+                                    [u.user_id for u in sweep_users],
+                                    self.fit_users(premier, ckpt, sweep_users, k, mode),
+                                )
+                            )
                             imgs = self.generate(premier, ckpt, toks, sweep_users)
                             return self.score(imgs, sweep_users, base[:n]), imgs
 
@@ -294,168 +343,15 @@ class Evaluator:
         return results
 
 
-def write_report(results: dict[str, Any], docs: str | Path, command: str) -> list[Path]:
-    """docs/eval.md (tables, the command, its run time), docs/eval.json and the PNG plots."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
-    docs = Path(docs)
-    docs.mkdir(parents=True, exist_ok=True)
-    rows, sweep, cfg = results["rows"], results["sweep"], results["config"]
-    written = []
-
-    def fmt(row: dict[str, float], key: str) -> str:
-        return f"{row[key]:.3f}" if key in row else "–"
-
-    lines = [
-        "# Evaluation in the synthetic world",
-        "",
-        "Generated by `premier eval`; do not edit by hand. How the world and its metrics are built: [world.md](world.md).",
-        "",
-        f"Command: `{command}`  ",
-        f"Run time: {results['seconds'] / 60:.1f} min on the development machine (2 CPU cores, shared with other work)"
-        + (f", not counting {len(results['reused'])} results reused from earlier runs' cache ({', '.join(results['reused'])})"
-           if results.get("reused") else "") + ".  ",
-        f"Test users: {cfg['test_users']} held-out users x {results['world']['world']['test_prompts']} "
-        f"test prompts, each user fitted by stage 2 (linear combination) from {cfg['history']} history images; "
-        f"{cfg['denoise_steps']} denoising steps, one seed per (user, prompt).",
-        "",
-        "Metrics (all from images, by the probe; see world.md): **alignment** = mean probability of the user's level of each",
-        "style factor (ViPer score analogue, higher is better); **win rate** = share of (user, prompt) pairs whose alignment",
-        "beats the base model's image for the same prompt and seed (ViPer rate analogue); **text** = mean probability of the",
-        "prompt's content levels (CLIP T2I analogue); **distance** = probe-feature distance to the ground-truth render of the",
-        "prompt in the user's style (LPIPS analogue, lower is better).",
-        "",
-        *([f"**Incomplete run**: not yet evaluated: {', '.join(results['pending'])}.", ""] if results.get("pending") else []),
-        "## Table 1 / Table 2: base vs Premier and the ablations",
-        "",
-        "| model | alignment ↑ | win rate vs base ↑ | text ↑ | distance to truth ↓ |",
-        "|---|---|---|---|---|",
-    ]
-    names = {"ground_truth": "ground-truth renders (ceiling)", "base": "base model, no user", "start": START_LABEL, **LABELS}
-    for key, row in rows.items():
-        lines.append(f"| {names.get(key, key)} | {fmt(row, 'alignment')} | {fmt(row, 'win_rate')} | {fmt(row, 'text')} | {fmt(row, 'distance')} |")
-    lines += ["", *findings(rows, sweep, results.get("pairs"))]
-    if sweep:
-        ks = sorted({int(k) for m in sweep.values() for k in m})
-        lines += ["", "## Fig. 6: linear combination vs direct fitting, by number of history images", "",
-                  f"{cfg['sweep_users']} test users; alignment ↑ (distance to truth ↓).", "",
-                  "| history images | " + " | ".join(str(k) for k in ks) + " |", "|---|" + "---|" * len(ks)]  # fmt: skip
-        for mode, label in (("coefficients", "linear combination"), ("direct", "direct fitting")):
-            if mode in sweep:
-                cells = [f"{sweep[mode][str(k)]['alignment']:.3f} ({sweep[mode][str(k)]['distance']:.3f})"
-                         if str(k) in sweep[mode] else "–" for k in ks]  # fmt: skip
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for mode, label in (("coefficients", "linear combination"), ("direct", "direct fitting")):
-            if mode in sweep:
-                got = sorted(int(k) for k in sweep[mode])
-                axes[0].plot(got, [sweep[mode][str(k)]["alignment"] for k in got], marker="o", label=label)
-                axes[1].plot(got, [sweep[mode][str(k)]["distance"] for k in got], marker="o", label=label)
-        for ax, title in zip(axes, ("preference alignment (higher is better)", "distance to ground truth (lower is better)")):
-            ax.set_xscale("log", base=2)
-            ax.set_xticks(ks, [str(k) for k in ks])
-            ax.set_xlabel("history images")
-            ax.set_title(title, fontsize=9)
-            ax.grid(alpha=0.3)
-        axes[0].axhline(rows["base"]["alignment"], color="gray", ls="--", lw=1, label="base, no user")
-        axes[0].legend(fontsize=8)
-        fig.tight_layout()
-        path = docs / "eval_fitting.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
-        lines += ["", "![fitting](eval_fitting.png)"]
-    # Bar chart of the table.
-    fig, ax = plt.subplots(figsize=(8, 3.2))
-    keys = [k for k in rows if k != "ground_truth"]
-    xs = np.arange(len(keys))
-    ax.bar(xs - 0.2, [rows[k]["alignment"] for k in keys], 0.4, label="alignment")
-    ax.bar(xs + 0.2, [rows[k]["text"] for k in keys], 0.4, label="text consistency")
-    ax.axhline(rows["ground_truth"]["alignment"], color="C0", ls=":", lw=1)
-    ax.set_xticks(xs, [names.get(k, k).split(" (")[0] for k in keys], rotation=20, ha="right", fontsize=8)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = docs / "eval_table.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
-    # Examples: first user's first prompts, one row per model.
-    ex = results["examples"]
-    n = min(6, len(next(iter(ex.values()))))
-    sheet = np.concatenate([np.concatenate(list(ex[k][:n]), axis=1) for k in ex], axis=0)
-    path = docs / "eval_examples.png"
-    Image.fromarray(sheet).resize((sheet.shape[1] * 3, sheet.shape[0] * 3), Image.NEAREST).save(path)
-    written.append(path)
-    lines += ["", "![table](eval_table.png)", "",
-              f"Examples (rows: {', '.join(ex)}; columns: the first test user's first {n} test prompts):", "",
-              "![examples](eval_examples.png)", ""]  # fmt: skip
-    path = docs / "eval.md"
-    path.write_text("\n".join(lines) + "\n")
-    written.append(path)
-    path = docs / "eval.json"
-    path.write_text(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=1) + "\n")
-    written.append(path)
-    return written
-
-
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over the same (user, prompt, seed) pairs and the half-width of its 95 % interval
-    (normal approximation): one seed per setting, so this is the noise a difference must beat."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
-    return float(d.mean()), float(half)
-
-
-def _versus(a: list[float], b: list[float]) -> str:
-    d, half = paired_difference(a, b)
-    verdict = "within noise" if abs(d) <= half else ("higher" if d > 0 else "lower")
-    return f"{d:+.3f} ± {half:.3f} ({verdict})"
-
-
-def findings(rows: dict[str, dict[str, float]], sweep: dict[str, dict[str, dict[str, float]]],
-             pairs: dict[str, list[float]] | None = None) -> list[str]:  # fmt: skip
-    """Plain-words reading of the numbers, whichever way they go (written with the table, never by hand).
-
-    Alignment differences are paired over the same (user, prompt, seed) and given with a 95 %
-    interval; "within noise" means the interval includes 0."""
-    pairs = pairs or {}
-    out = ["Reading (differences against the base model; the win rate's chance level is 0.5; ± is a 95 % interval",
-           "of the paired alignment difference over the same users, prompts and seeds):", ""]  # fmt: skip
-    base = rows["base"]
-    for key in [k for k in LABELS if k in rows]:
-        r = rows[key]
-        align = _versus(pairs[key], pairs["base"]) if key in pairs and "base" in pairs else f"{r['alignment'] - base['alignment']:+.3f}"
-        out.append(f"- {LABELS[key]}: alignment {align}, win rate {r['win_rate']:.3f}, "
-                   f"text {r['text'] - base['text']:+.3f}, distance {r['distance'] - base['distance']:+.3f}.")  # fmt: skip
-    if "start" in rows and "premier" in rows and {"start", "premier"} <= set(pairs):
-        out.append(f"- What fitting adds: Premier minus its starting point, alignment {_versus(pairs['premier'], pairs['start'])}.")
-    if "premier" in rows:
-        for key in [k for k in LABELS if k in rows and k != "premier"]:
-            if key in pairs and "premier" in pairs:
-                out.append(f"- {LABELS[key]} vs full Premier: alignment {_versus(pairs[key], pairs['premier'])}.")
-            else:
-                d = rows[key]["alignment"] - rows["premier"]["alignment"]
-                out.append(f"- {LABELS[key]} vs full Premier: alignment {d:+.3f}.")
-    missing = [LABELS[k] for k in LABELS if k not in rows]
-    if missing:
-        out.append(f"- Not run in this report: {', '.join(missing)} (`premier eval --variants ...` adds them; finished rows are reused).")
-    if "coefficients" in sweep and "direct" in sweep:
-        for k in sorted(set(sweep["coefficients"]) & set(sweep["direct"]), key=int):
-            c, d = sweep["coefficients"][k]["alignment"], sweep["direct"][k]["alignment"]
-            keys = (f"sweep-coefficients-{k}", f"sweep-direct-{k}")
-            detail = f"linear combination minus direct {_versus(pairs[keys[0]], pairs[keys[1]])}" if all(x in pairs for x in keys) \
-                else f"{'linear combination' if c > d else 'direct fitting'} aligns better"
-            out.append(f"- {k} history images: {detail} ({c:.3f} vs {d:.3f}).")
-    return out
-
-
-def run_eval(world_dir: str | Path, work: str | Path, docs: str | Path, config: EvalConfig, command: str,
-             progress: bool = False, log=print) -> dict[str, Any]:  # fmt: skip
+def run_eval(
+    world_dir: str | Path,
+    work: str | Path,
+    docs: str | Path,
+    config: EvalConfig,
+    command: str,
+    progress: bool = False,
+    log=print,
+) -> dict[str, Any]:
     """Run and write the report after every row, so an interrupted run leaves what it finished."""
     results = Evaluator(world_dir, work, config, progress, log).run(on_update=lambda r: write_report(r, docs, command))
     results["written"] = [str(p) for p in write_report(results, docs, command)]

@@ -32,7 +32,16 @@ from premier.errors import InvalidRequestError
 from premier.files import atomic_save_safetensors, read_safetensors
 from premier.world.base_train import pixels_to_tensor
 from premier.world.render import render, render_batch
-from premier.world.spec import ALL_FACTORS, CONTENT_FACTORS, STYLE_FACTORS, Content, Style, labels, random_content, random_style
+from premier.world.spec import (
+    ALL_FACTORS,
+    CONTENT_FACTORS,
+    STYLE_FACTORS,
+    Content,
+    Style,
+    labels,
+    random_content,
+    random_style,
+)
 
 PROBE_FILE = "probe.safetensors"
 
@@ -54,13 +63,21 @@ class WorldProbe(nn.Module):
         self.config = config
         w = config.width
         self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1), nn.GELU(),
-            nn.Conv2d(w, w, 3, stride=2, padding=1), nn.GELU(),  # 16
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.GELU(),  # 8
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1), nn.GELU(),  # 4
-            nn.Flatten(), nn.Linear(2 * w * 16, config.features), nn.GELU(),
-        )  # fmt: skip
-        self.heads = nn.ModuleDict({name: nn.Linear(config.features, len(levels)) for name, levels in ALL_FACTORS.items()})
+            nn.Conv2d(3, w, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(w, w, 3, stride=2, padding=1),
+            nn.GELU(),  # 16
+            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+            nn.GELU(),  # 8
+            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+            nn.GELU(),  # 4
+            nn.Flatten(),
+            nn.Linear(2 * w * 16, config.features),
+            nn.GELU(),
+        )
+        self.heads = nn.ModuleDict(
+            {name: nn.Linear(config.features, len(levels)) for name, levels in ALL_FACTORS.items()}
+        )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         f = self.body(x)
@@ -99,12 +116,15 @@ class WorldProbe(nn.Module):
     def save(self, folder: str | Path) -> Path:
         path = Path(folder) / PROBE_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors({k: v.detach().contiguous() for k, v in self.state_dict().items()}, path,
-                                metadata={"format": "premier-world-probe", "config": json.dumps(asdict(self.config))})  # fmt: skip
+        atomic_save_safetensors(
+            {k: v.detach().contiguous() for k, v in self.state_dict().items()},
+            path,
+            metadata={"format": "premier-world-probe", "config": json.dumps(asdict(self.config))},
+        )
         return path
 
     @classmethod
-    def load(cls, folder: str | Path) -> "WorldProbe":
+    def load(cls, folder: str | Path) -> WorldProbe:
         path = Path(folder) / PROBE_FILE
         if not path.is_file():
             raise InvalidRequestError("probe", f"{path} does not exist; run `premier world probe --out {folder}`")
@@ -183,9 +203,14 @@ def validate_probe(probe: WorldProbe, pairs: int = 400, seed: int = 1234) -> dic
     align_own, align_other = probe.preference_alignment(own_a, styles), probe.preference_alignment(other_s, styles)
     text_own, text_other = probe.text_consistency(own_a, contents), probe.text_consistency(other_c, contents)
     _, probs = probe.read(own_a)
-    acc = {f"accuracy_{k}": float((probs[k].argmax(-1) == torch.tensor([{**labels(c), **labels(s)}[k]
-                                                                        for c, s in zip(contents, styles)])).float().mean())
-           for k in ALL_FACTORS}  # fmt: skip
+    acc = {
+        f"accuracy_{k}": float(
+            (probs[k].argmax(-1) == torch.tensor([{**labels(c), **labels(s)}[k] for c, s in zip(contents, styles)]))
+            .float()
+            .mean()
+        )
+        for k in ALL_FACTORS
+    }
     return {
         "own_style_wins": float((align_own > align_other).float().mean()),
         "own_prompt_wins": float((text_own > text_other).float().mean()),

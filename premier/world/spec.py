@@ -17,7 +17,13 @@ IMAGE_SIZE = 32
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 210, 40)}
-POSITIONS = {"top left": (9, 9), "top right": (23, 9), "bottom left": (9, 23), "bottom right": (23, 23), "center": (16, 16)}
+POSITIONS = {
+    "top left": (9, 9),
+    "top right": (23, 9),
+    "bottom left": (9, 23),
+    "bottom right": (23, 23),
+    "center": (16, 16),
+}
 
 PATTERNS = ("horizontal stripes", "vertical stripes", "checker", "diagonal stripes")
 FREQUENCIES = ("low", "high")

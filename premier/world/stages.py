@@ -44,19 +44,26 @@ class EmptyPromptAdapters(nn.Module):
     def forward(self, text_states: torch.Tensor, user_tokens: torch.Tensor):
         return self.inner(self._empty(text_states), user_tokens)
 
-    def text_deltas(self, text_states: torch.Tensor, user_tokens: torch.Tensor, active: torch.Tensor | None = None) -> torch.Tensor:
+    def text_deltas(
+        self, text_states: torch.Tensor, user_tokens: torch.Tensor, active: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.inner.text_deltas(self._empty(text_states), user_tokens, active)
 
     def _empty(self, text_states: torch.Tensor) -> torch.Tensor:
         e = self.empty_text.to(text_states.device, text_states.dtype)
         if e.shape[0] != text_states.shape[1]:
-            raise InvalidRequestError("prompt", f"text length {text_states.shape[1]} != empty prompt length {e.shape[0]}")
+            raise InvalidRequestError(
+                "prompt", f"text length {text_states.shape[1]} != empty prompt length {e.shape[0]}"
+            )
         return e.unsqueeze(0).expand(text_states.shape[0], -1, -1)
 
 
-def prepare(pipe: FluxPipeline, raw: str | Path, out: str | Path, resolution: int, max_sequence_length: int) -> PreparedDataset:
-    encoder = DataEncoder(pipe, resolution, max_sequence_length=max_sequence_length, batch_size=64,
-                          storage_dtype=torch.float32)  # fmt: skip
+def prepare(
+    pipe: FluxPipeline, raw: str | Path, out: str | Path, resolution: int, max_sequence_length: int
+) -> PreparedDataset:
+    encoder = DataEncoder(
+        pipe, resolution, max_sequence_length=max_sequence_length, batch_size=64, storage_dtype=torch.float32
+    )
     prepare_dataset(raw, out, encoder, shard_size=256)
     return PreparedDataset(out)
 
@@ -69,8 +76,9 @@ def stage1_config(variant: str, base: Stage1Config) -> Stage1Config:
     return base
 
 
-def build_trainer(flux: Any, dataset: PreparedDataset, out: str | Path, variant: str, base: Stage1Config,
-                  premier_config: Any) -> Stage1Trainer:  # fmt: skip
+def build_trainer(
+    flux: Any, dataset: PreparedDataset, out: str | Path, variant: str, base: Stage1Config, premier_config: Any
+) -> Stage1Trainer:
     """A Stage1Trainer set up for one variant (see the module docstring)."""
     trainer = Stage1Trainer(flux, dataset, out, stage1_config(variant, base), premier_config)
     adapters = trainer.model.adapters
@@ -104,6 +112,7 @@ def encode_user(encoder: DataEncoder, user: WorldUser, n: int | None = None) -> 
     return Batch(latents, text, pooled, torch.zeros(len(items), dtype=torch.long))
 
 
-def fit(flux: Any, premier: PremierModel, checkpoint_id: str, samples: Batch, user_id: str, mode: str,
-        config: Stage2Config) -> FitResult:  # fmt: skip
+def fit(
+    flux: Any, premier: PremierModel, checkpoint_id: str, samples: Batch, user_id: str, mode: str, config: Stage2Config
+) -> FitResult:
     return fit_user(flux, premier, checkpoint_id, samples, user_id, replace(config, mode=mode), progress=False)

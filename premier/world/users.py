@@ -36,9 +36,13 @@ class WorldConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if not isinstance(value, int) or isinstance(value, bool) or (value < 0 if f.name == "seed" else value <= 0):
-                raise InvalidRequestError(f.name, f"must be a {'non-negative' if f.name == 'seed' else 'positive'} integer, got {value!r}")
+                raise InvalidRequestError(
+                    f.name, f"must be a {'non-negative' if f.name == 'seed' else 'positive'} integer, got {value!r}"
+                )
         if self.min_images > self.max_images:
-            raise InvalidRequestError("min_images", f"({self.min_images}) must not exceed max_images ({self.max_images})")
+            raise InvalidRequestError(
+                "min_images", f"({self.min_images}) must not exceed max_images ({self.max_images})"
+            )
         if self.test_prompts > len(PROMPTS):
             raise InvalidRequestError("test_prompts", f"the world has only {len(PROMPTS)} prompts")
 
@@ -58,7 +62,10 @@ class WorldUser:
 
     def history_items(self, n: int | None = None) -> list[tuple[str, Any, str]]:
         """(file name, image, prompt) triples, the raw dataset format's."""
-        return [(f"{i:03d}.png", render_image(c, self.style, seed), c.prompt) for i, (c, seed) in enumerate(self.history[:n])]
+        return [
+            (f"{i:03d}.png", render_image(c, self.style, seed), c.prompt)
+            for i, (c, seed) in enumerate(self.history[:n])
+        ]
 
 
 DEMO_STYLES: dict[str, Style] = {

@@ -1,0 +1,163 @@
+"""The users and fit-job routes of the ingress: GET/DELETE /v1/users/{id}, its neighbours, its fit, GET /v1/jobs/{id}.
+
+User reads, neighbours and DELETE go to the store the ingress holds; fits are submitted as jobs
+(serving/fitting.py) whose state lives in the Ray Jobs API and the store.
+"""
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import File, Form, Query, UploadFile
+from fastapi.responses import JSONResponse
+
+from premier.errors import InvalidRequestError, UnknownUserError
+from premier.users import validate_user_id
+from serving.fitting import FitUnavailableError, UnknownJobError, UploadTooLargeError
+from serving.http_api import AUTH, INGRESS, api, error_response
+from serving.protocol import REQUEST_ERRORS, RequestError, error_for
+
+
+@api.get("/v1/users/{user_id}", tags=["users"], dependencies=AUTH, summary="a user's record")
+def v1_get_user(user_id: str, ingress: Any = INGRESS):
+    return _user_call(ingress, lambda: _describe_user(ingress, user_id))
+
+
+@api.delete("/v1/users/{user_id}", tags=["users"], dependencies=AUTH, summary="delete a stored user")
+def v1_delete_user(user_id: str, ingress: Any = INGRESS):
+    def delete() -> Any:
+        store = ingress.store()
+        if user_id not in store and user_id in store.basis:
+            return RequestError(
+                409, f"user {user_id!r} is a training user of the checkpoint; it cannot be deleted", "user_id"
+            )
+        store.delete(user_id)
+        return {"deleted": user_id}
+
+    return _user_call(ingress, delete)
+
+
+@api.get(
+    "/v1/users/{user_id}/neighbors",
+    tags=["users"],
+    dependencies=AUTH,
+    summary="the k users with the most similar preference embeddings",
+)
+def v1_neighbors(
+    user_id: str, k: int = Query(10, ge=1, le=1000, description="how many neighbours"), ingress: Any = INGRESS
+):
+    def neighbors() -> dict[str, Any]:
+        store = ingress.store()
+        query: Any = user_id
+        if user_id not in store and user_id in store.basis:
+            query = store.basis.get(user_id)  # a checkpoint user: search by its embedding
+        hits = store.nearest(query, k=k)
+        return {
+            "user_id": user_id,
+            "k": k,
+            "neighbors": [{"user_id": u, "similarity": s} for u, s in hits if u != user_id],
+        }
+
+    return _user_call(ingress, neighbors)
+
+
+def _describe_user(ingress: Any, user_id: str) -> dict[str, Any]:
+    validate_user_id(user_id)
+    store = ingress.store()
+    if user_id in store:
+        r = store.get(user_id)
+        return {
+            "user_id": user_id,
+            "source": "store",
+            "mode": r.mode,
+            "checkpoint_id": r.checkpoint_id,
+            "servable": r.checkpoint_id == store.checkpoint_id,
+            "fit": r.fit,
+            "created_at": r.created_at,
+            "updated_at": r.updated_at,
+        }
+    if user_id in store.basis:
+        return {
+            "user_id": user_id,
+            "source": "checkpoint",
+            "mode": "training",
+            "checkpoint_id": store.checkpoint_id,
+            "servable": True,
+        }
+    raise UnknownUserError(user_id)
+
+
+def _user_call(ingress: Any, fn: Callable[[], Any]):
+    try:
+        out = fn()
+    except REQUEST_ERRORS as e:
+        out = error_for(e)
+    if isinstance(out, RequestError):
+        return error_response(out, ingress.headers_for(out))
+    return out
+
+
+def _fit_unavailable(ingress: Any, message: str | None = None) -> JSONResponse:
+    return error_response(
+        RequestError(503, message or ingress._fit_error or "fitting is not available"), ingress.retry_headers()
+    )
+
+
+@api.post(
+    "/v1/users/{user_id}/fit",
+    tags=["fitting"],
+    dependencies=AUTH,
+    status_code=202,
+    summary="fit a new user from images and captions (a Ray job); answers 202 with a job id",
+    responses={
+        202: {"description": "job submitted: poll GET /v1/jobs/{job_id}"},
+        400: {"description": "a bad image, caption or user id (named)"},
+        413: {"description": "the upload is over the configured limits"},
+        503: {"description": "fitting is not available or busy"},
+    },
+)
+async def v1_fit(
+    user_id: str,
+    images: list[UploadFile] = File(..., description="the user's images (repeat the field once per image)"),
+    captions: list[str] = Form(..., description="one caption per image, in the same order as the images"),
+    ingress: Any = INGRESS,
+):
+    try:
+        validate_user_id(user_id)
+        if len(images) != len(captions):
+            raise InvalidRequestError(
+                "captions", f"{len(captions)} caption(s) for {len(images)} image(s): give one per image, in order"
+            )
+    except InvalidRequestError as e:
+        return error_response(error_for(e))
+    manager = ingress.fit_manager()
+    if manager is None:
+        return _fit_unavailable(ingress)
+    files = [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(images)]
+    try:
+        job_id = await asyncio.to_thread(manager.submit, user_id, files, list(captions))
+    except UploadTooLargeError as e:
+        return error_response(RequestError(413, str(e), e.field))
+    except REQUEST_ERRORS as e:
+        return error_response(error_for(e))
+    except FitUnavailableError as e:
+        return _fit_unavailable(ingress, str(e))
+    return JSONResponse({"job_id": job_id, "user_id": user_id, "status_url": f"/v1/jobs/{job_id}"}, status_code=202)
+
+
+@api.get("/v1/jobs/{job_id}", tags=["fitting"], dependencies=AUTH, summary="a fit job's status")
+async def v1_job(job_id: str, ingress: Any = INGRESS):
+    manager = ingress.fit_manager()
+    if manager is None:
+        return _fit_unavailable(ingress)
+    try:
+        return await asyncio.to_thread(manager.status, job_id)
+    except InvalidRequestError as e:
+        return error_response(error_for(e))
+    except UnknownJobError as e:
+        return error_response(RequestError(404, str(e), "job_id"))
+    except FitUnavailableError as e:
+        return _fit_unavailable(ingress, str(e))
+
+
+__all__ = []

@@ -1,0 +1,184 @@
+"""`premier world build` and `premier eval` end to end on a tiny configuration, and their bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from premier.cli import EXIT_BAD_INPUT, main
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from premier.world.build import BuildConfig, build
+
+    root = tmp_path_factory.mktemp("world")
+    record = build(root / "out", root / "work", BuildConfig.quick(), progress=False, log=lambda *_: None)
+    return root, record
+
+
+def test_build_writes_the_shipped_layout(tiny_world):
+    from premier.checkpoint import PremierModel
+    from premier.models.embedded import DEMO_USERS, build_embedded_flux
+    from premier.user_record import UserRecord
+
+    root, record = tiny_world
+    out = root / "out"
+    assert set(record["steps"]) == {"data", "base", "stage1", "users", "probe"}
+    assert (
+        json.loads((out / "world.json").read_text())["steps"]["stage1"]["checkpoint_id"]
+        == record["steps"]["stage1"]["checkpoint_id"]
+    )
+    premier, ckpt = PremierModel.load(out / "premier")
+    assert ckpt == record["steps"]["stage1"]["checkpoint_id"] and len(premier.users) == 4
+    for uid in DEMO_USERS:
+        rec = UserRecord.load(out / "users" / f"{uid}.safetensors")
+        assert rec.mode == "coefficients" and rec.checkpoint_id == ckpt and rec.vector.shape == (4,)
+    assert (out / "probe" / "probe.safetensors").is_file()
+    build_embedded_flux(weights=out)  # the base loads as the embedded transformer
+    assert not list(out.rglob("*.bin")) and not list(out.rglob("*.pt"))  # safetensors and JSON only
+
+
+def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys):
+    root, _ = tiny_world
+    docs = tmp_path / "docs"
+    code = main(
+        [
+            "eval",
+            "--quick",
+            "--world",
+            str(root / "out"),
+            "--work",
+            str(root / "work"),
+            "--docs",
+            str(docs),
+            "--variants",
+            "premier,no_ppm,no_shared",
+            "--quiet",
+            "--threads",
+            "1",
+        ]
+    )
+    assert code == 0
+    report = (docs / "eval.md").read_text()
+    for row in (
+        "ground-truth renders",
+        "base model, no user",
+        "Premier (full)",
+        "w/o PPM",
+        "w/o block-shared adapter",
+        "linear combination",
+        "direct fitting",
+    ):
+        assert row in report
+    assert "premier eval --quick" in report or "Command:" in report
+    results = json.loads((docs / "eval.json").read_text())
+    assert set(results["rows"]) == {"ground_truth", "base", "start", "premier", "no_ppm", "no_shared"}
+    assert "Premier, no history (stage 2's starting point" in report and "What fitting adds" in report
+    assert set(results["sweep"]) == {"coefficients", "direct"} and set(results["sweep"]["direct"]) == {"1", "2"}
+    for row in results["rows"].values():
+        assert 0 <= row["alignment"] <= 1 and 0 <= row["text"] <= 1 and row["distance"] >= 0
+    # Per-(user, prompt) alignments behind every row, whose means are the rows' alignments.
+    for name in ("base", "start", "premier", "no_ppm", "no_shared"):
+        assert len(results["pairs"][name]) == 2  # 1 test user x 2 test prompts
+        assert sum(results["pairs"][name]) / len(results["pairs"][name]) == pytest.approx(
+            results["rows"][name]["alignment"], abs=1e-4
+        )
+    assert "w/o PPM (empty prompt into the adapters) vs full Premier: alignment" in report and " ± " in report
+    for png in ("eval_fitting.png", "eval_table.png", "eval_examples.png"):
+        assert (docs / png).stat().st_size > 0
+    # The ablation runs are kept in WORK, and finished rows are reused by the next eval with the same settings.
+    assert (root / "work" / "stage1-no_ppm" / "checkpoints" / "latest").is_file()
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                "--quick",
+                "--world",
+                str(root / "out"),
+                "--work",
+                str(root / "work"),
+                "--docs",
+                str(docs),
+                "--variants",
+                "premier,no_ppm",
+                "--quiet",
+                "--threads",
+                "1",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "eval: premier from the cache" in out and "eval: sweep-direct-2-users1 from the cache" in out
+    assert "results reused from earlier runs' cache" in (docs / "eval.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", "--variants", "premier,bogus"], "unknown bogus"),
+        (["eval", "--history", "99"], "history sizes must be in"),
+        (["world", "build", "--only", "data,nope"], "unknown step(s) nope"),
+        (["world", "validate-probe", "--world", "/nonexistent/world"], "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tiny_world, argv, message, capsys):
+    root, _ = tiny_world
+    if argv[0] == "eval":
+        argv = argv + [
+            "--quick",
+            "--world",
+            str(root / "out"),
+            "--work",
+            str(root / "work"),
+            "--docs",
+            str(root / "docs"),
+        ]
+    if argv[:2] == ["world", "build"]:
+        argv = argv + ["--out", str(root / "never"), "--work", str(root / "never-work")]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv", [["eval", "--test-users", "0"], ["eval", "--sweep", "2,x"], ["world", "show", "--users", "-1"]]
+)
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == EXIT_BAD_INPUT
+    assert "error" in capsys.readouterr().err
+
+
+def test_world_show_writes_a_contact_sheet(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "world.png"
+    assert main(["world", "show", "-o", str(out), "--users", "2", "--prompts", "3", "--scale", "1"]) == 0
+    assert Image.open(out).size == (3 * 32, 6 * 32)  # 4 demo users + 2 training users
+    assert "alice" in capsys.readouterr().out
+
+
+def test_paired_difference_and_its_reading():
+    from premier.world.report import findings, paired_difference
+
+    a = [0.6, 0.7, 0.5, 0.65]
+    assert paired_difference(a, a) == (0.0, 0.0)
+    d, half = paired_difference(a, [x - 0.1 for x in a])  # a constant shift: no noise at all
+    assert d == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12)
+    d, half = paired_difference([0.1, 0.9, 0.2, 0.8], [0.5, 0.5, 0.5, 0.5])
+    assert d == pytest.approx(0.0) and half > 0.3
+    rows = {
+        k: {"alignment": sum(v) / len(v), "win_rate": 0.5, "text": 0.5, "distance": 0.5}
+        for k, v in {"base": [0.4] * 4, "premier": [0.6, 0.7, 0.6, 0.7], "no_ppm": [0.62, 0.68, 0.58, 0.72]}.items()
+    }
+    pairs = {"base": [0.4] * 4, "premier": [0.6, 0.7, 0.6, 0.7], "no_ppm": [0.62, 0.68, 0.58, 0.72]}
+    text = "\n".join(findings(rows, {}, pairs))
+    assert "Premier (full): alignment +0.250 ± " in text and "(higher)" in text
+    assert (
+        "w/o PPM (empty prompt into the adapters) vs full Premier: alignment +0.000 ± " in text
+        and "(within noise)" in text
+    )
