@@ -18,6 +18,10 @@ has three implementations, chosen per call by `backend_for` (inspectable, and co
 `set_backend` / the ``PREMIER_KERNELS`` environment variable choose the policy
 (``auto`` | ``triton`` | ``torch`` | ``inline``); ``auto`` is the default.
 
+The AdaLN kernel has two variants with the same results: ``"reordered"`` (the default) issues
+the scale/shift loads before the mean/variance reductions, ``"original"`` after them.
+`set_adaln_variant` / ``PREMIER_ADALN_VARIANT`` choose one; `benchmarks/gpu_suite.py` times both.
+
 This module holds the policy, the custom operators and the public ops; the PyTorch definitions
 and shape checks are in `kernels.reference`, the operators' backward formulas in `kernels.backward`.
 """
@@ -50,6 +54,11 @@ _policy: str = os.environ.get("PREMIER_KERNELS", "auto")
 if _policy not in POLICIES:
     raise ValueError(f"PREMIER_KERNELS={_policy!r}; expected one of {', '.join(POLICIES)}")
 _calls: Counter[tuple[str, str]] = Counter()
+
+ADALN_VARIANTS = ("reordered", "original")
+_adaln_variant: str = os.environ.get("PREMIER_ADALN_VARIANT", "reordered")
+if _adaln_variant not in ADALN_VARIANTS:
+    raise ValueError(f"PREMIER_ADALN_VARIANT={_adaln_variant!r}; expected one of {', '.join(ADALN_VARIANTS)}")
 
 
 # ----------------------------------------------------------------------------- backend choice
@@ -105,6 +114,29 @@ def backend_for(*tensors: torch.Tensor) -> Backend:
     return _policy  # type: ignore[return-value]
 
 
+def set_adaln_variant(variant: str) -> None:
+    """Choose the AdaLN Triton kernel's variant: 'reordered' (loads before the reductions) or 'original'."""
+    global _adaln_variant
+    if variant not in ADALN_VARIANTS:
+        raise ValueError(f"unknown AdaLN kernel variant {variant!r}; expected one of {', '.join(ADALN_VARIANTS)}")
+    _adaln_variant = variant
+
+
+def get_adaln_variant() -> str:
+    return _adaln_variant
+
+
+@contextlib.contextmanager
+def use_adaln_variant(variant: str) -> Iterator[None]:
+    """Temporarily switch the AdaLN kernel variant (read when the kernel launches, so never traced)."""
+    previous = _adaln_variant
+    set_adaln_variant(variant)
+    try:
+        yield
+    finally:
+        set_adaln_variant(previous)
+
+
 def kernel_calls() -> dict[tuple[str, str], int]:
     """How often each (op, backend) ran through the custom operators since the last reset."""
     return dict(_calls)
@@ -130,7 +162,13 @@ def _unit_stride(t: torch.Tensor) -> torch.Tensor:
 def _adaln_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
     _calls[("adaln_modulate", backend)] += 1
     if backend == "triton":
-        return _triton().adaln_modulate(_unit_stride(x), _unit_stride(scale), _unit_stride(shift), eps)
+        return _triton().adaln_modulate(
+            _unit_stride(x),
+            _unit_stride(scale),
+            _unit_stride(shift),
+            eps,
+            loads_first=_adaln_variant == "reordered",
+        )
     return adaln_modulate_reference(x, scale, shift, eps).contiguous()
 
 
@@ -160,6 +198,7 @@ def _adaln_cat_op(
             _unit_stride(image),
             _unit_stride(image_scale),
             _unit_stride(image_shift),
+            loads_first=_adaln_variant == "reordered",
         )
     return torch.cat(
         [

@@ -9,6 +9,11 @@ Layout contract (checked by the callers in `kernels.modulation`): every tensor i
 of the (B, T, 6D) AdaLN embedding and slices such as `out[:, :T]` are read in place without a
 copy. A per-sample parameter (B, D) is the same view with row stride 0. All arithmetic is in
 fp32; each output is rounded to its dtype once.
+
+The AdaLN kernel comes in two variants (the `LOADS_FIRST` constexpr, chosen by the callers from
+`kernels.modulation`'s AdaLN variant): scale and shift loaded before the row's reductions, so
+that all three loads are in flight at once, or after them (the original order). They compute
+the same values; `benchmarks/gpu_suite.py` times both.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ MAX_FUSED_D = 16384
 
 @triton.jit
 def _adaln_row(x_ptrs, scale_ptrs, shift_ptrs, mask, D, eps):
+    """The original order: scale and shift are loaded after the two reductions over x."""
     x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
     mean = tl.sum(x, axis=0) / D
     xc = tl.where(mask, x - mean, 0.0)
@@ -30,6 +36,20 @@ def _adaln_row(x_ptrs, scale_ptrs, shift_ptrs, mask, D, eps):
     rstd = 1.0 / tl.sqrt(var + eps)
     scale = tl.load(scale_ptrs, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return xc * rstd * (1.0 + scale) + shift
+
+
+@triton.jit
+def _adaln_row_loads_first(x_ptrs, scale_ptrs, shift_ptrs, mask, D, eps):
+    """The reordered variant: all three loads are issued before the reductions, so the row's
+    x, scale and shift are in flight together (one DRAM round trip instead of two)."""
+    x = tl.load(x_ptrs, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptrs, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptrs, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=0) / D
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / D
+    rstd = 1.0 / tl.sqrt(var + eps)
     return xc * rstd * (1.0 + scale) + shift
 
 
@@ -60,6 +80,7 @@ def _adaln_kernel(
     sbh_b,
     sbh_t,
     BLOCK_D: tl.constexpr,
+    LOADS_FIRST: tl.constexpr,
 ):
     """out[b, r] = LN(src[b, r]) * (1 + scale[b, r]) + shift[b, r]; rows < rows_a come from
     segment a, the rest from segment b, so one launch writes the
@@ -80,7 +101,10 @@ def _adaln_kernel(
         x_ptrs = b_ptr + sample * sb_b + r * sb_t + cols
         scale_ptrs = b_scale_ptr + sample * sbs_b + r * sbs_t + cols
         shift_ptrs = b_shift_ptr + sample * sbh_b + r * sbh_t + cols
-    y = _adaln_row(x_ptrs, scale_ptrs, shift_ptrs, mask, D, eps)
+    if LOADS_FIRST:
+        y = _adaln_row_loads_first(x_ptrs, scale_ptrs, shift_ptrs, mask, D, eps)
+    else:
+        y = _adaln_row(x_ptrs, scale_ptrs, shift_ptrs, mask, D, eps)
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -133,8 +157,13 @@ def adaln_modulate(
     b: torch.Tensor | None = None,
     b_scale: torch.Tensor | None = None,
     b_shift: torch.Tensor | None = None,
+    loads_first: bool = True,
 ) -> torch.Tensor:
-    """LN-modulate `a` (B, Ta, D), or `cat([a, b], 1)` when `b` (B, Tb, D) is given, in one launch."""
+    """LN-modulate `a` (B, Ta, D), or `cat([a, b], 1)` when `b` (B, Tb, D) is given, in one launch.
+
+    `loads_first` picks the kernel variant: scale/shift loaded before the reductions (the
+    default) or after them (the original order); both compute the same values.
+    """
     batch, rows_a, d = a.shape
     rows_b = 0 if b is None else b.shape[1]
     out = torch.empty((batch, rows_a + rows_b, d), dtype=a.dtype, device=a.device)
@@ -165,6 +194,7 @@ def adaln_modulate(
         *_row_strides(b_scale),
         *_row_strides(b_shift),
         BLOCK_D=block,
+        LOADS_FIRST=loads_first,
         num_warps=warps,
     )
     return out

@@ -7,6 +7,7 @@ and the denoising schedule, so requests that agree on them can run in one forwar
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,8 @@ from premier.models.loading import ModelProfile
 from premier.users import validate_user_id
 
 MAX_PROMPT_CHARS = 20_000
+# Lone surrogates are not Unicode text; control characters other than tab and newlines are not prompt text.
+_NOT_TEXT = re.compile(r"[\ud800-\udfff]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 MAX_SEED = 2**63 - 1
 
 
@@ -66,6 +69,10 @@ class GenerationRequest:
             raise InvalidRequestError("prompt", "is empty")
         if len(self.prompt) > MAX_PROMPT_CHARS:
             raise InvalidRequestError("prompt", f"has {len(self.prompt)} characters; at most {MAX_PROMPT_CHARS}")
+        bad = _NOT_TEXT.search(self.prompt)
+        if bad is not None:
+            what = "a lone surrogate (not valid Unicode)" if bad.group() >= "\ud800" else "a control character"
+            raise InvalidRequestError("prompt", f"holds {what} U+{ord(bad.group()):04X} at position {bad.start()}")
         _check_int("seed", self.seed)
         if not 0 <= self.seed <= MAX_SEED:
             raise InvalidRequestError("seed", f"{self.seed} is outside [0, 2**63 - 1]")

@@ -24,8 +24,10 @@ def validate_user_id(user_id: object) -> str:
     """Ids are used in URLs, file names and SQL: keep them to a safe, bounded alphabet."""
     if not isinstance(user_id, str) or not user_id:
         raise InvalidRequestError("user_id", "must be a non-empty string")
-    if len(user_id.encode()) > MAX_USER_ID_BYTES:
-        raise InvalidRequestError("user_id", f"is {len(user_id.encode())} bytes; at most {MAX_USER_ID_BYTES} allowed")
+    if not user_id.isascii():
+        raise InvalidRequestError("user_id", "has characters outside [A-Za-z0-9._@:+-]")
+    if len(user_id) > MAX_USER_ID_BYTES:
+        raise InvalidRequestError("user_id", f"is {len(user_id)} bytes; at most {MAX_USER_ID_BYTES} allowed")
     if not _USER_ID.fullmatch(user_id) or ".." in user_id:
         raise InvalidRequestError(
             "user_id",

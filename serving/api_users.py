@@ -1,7 +1,16 @@
-"""The users and fit-job routes of the ingress: GET/DELETE /v1/users/{id}, its neighbours, its fit, GET /v1/jobs/{id}.
+"""The users and fit-job routes of the ingress: GET/DELETE /v1/users/{id}, its neighbours, its fit,
+GET/DELETE /v1/jobs/{id}.
 
 User reads, neighbours and DELETE go to the store the ingress holds; fits are submitted as jobs
-(serving/fitting.py) whose state lives in the Ray Jobs API and the store.
+(serving/fitting.py) whose state lives in the Ray Jobs API, the uploads folder and the store.
+
+A fit's answers: 202 with the job id; 400 for a bad image, caption or user id; 409 when the user
+already has a fit job that has not ended (one per user: the answer names it, to poll or cancel;
+409 rather than 429 because waiting is not enough, that job must end first); 413 for an upload over
+the limits (bytes, pixels read from the headers, decoded bytes of the job); 415 for an image that is
+not PNG, JPEG or WebP; 429 with Retry-After when the server holds its most fit jobs (running and
+queued); 503 with Retry-After when fitting is not available. Each names the field at fault
+(`images[i]`, `captions`, `user_id`) where there is one.
 """
 
 import asyncio
@@ -13,7 +22,15 @@ from fastapi.responses import JSONResponse
 
 from premier.errors import InvalidRequestError, UnknownUserError
 from premier.users import validate_user_id
-from serving.fitting import FitUnavailableError, UnknownJobError, UploadTooLargeError
+from serving.fitting import (
+    TERMINAL,
+    FitBusyError,
+    FitConflictError,
+    FitUnavailableError,
+    UnknownJobError,
+    UnsupportedMediaError,
+    UploadTooLargeError,
+)
 from serving.http_api import AUTH, INGRESS, api, error_response
 from serving.protocol import REQUEST_ERRORS, RequestError, error_for
 
@@ -112,8 +129,11 @@ def _fit_unavailable(ingress: Any, message: str | None = None) -> JSONResponse:
     responses={
         202: {"description": "job submitted: poll GET /v1/jobs/{job_id}"},
         400: {"description": "a bad image, caption or user id (named)"},
-        413: {"description": "the upload is over the configured limits"},
-        503: {"description": "fitting is not available or busy"},
+        409: {"description": "the user already has a fit job that has not ended (named in the message)"},
+        413: {"description": "the upload is over the configured limits (bytes, pixels, decoded bytes)"},
+        415: {"description": "an image that is not PNG, JPEG or WebP (named: images[i])"},
+        429: {"description": "the server holds its most fit jobs, running and queued: retry after Retry-After"},
+        503: {"description": "fitting is not available"},
     },
 )
 async def v1_fit(
@@ -136,6 +156,12 @@ async def v1_fit(
     files = [(f.filename or f"image{i}", await f.read()) for i, f in enumerate(images)]
     try:
         job_id = await asyncio.to_thread(manager.submit, user_id, files, list(captions))
+    except FitBusyError as e:
+        return error_response(RequestError(429, str(e)), ingress.retry_headers())
+    except FitConflictError as e:
+        return error_response(RequestError(409, str(e), e.field))
+    except UnsupportedMediaError as e:
+        return error_response(RequestError(415, str(e), e.field))
     except UploadTooLargeError as e:
         return error_response(RequestError(413, str(e), e.field))
     except REQUEST_ERRORS as e:
@@ -158,6 +184,31 @@ async def v1_job(job_id: str, ingress: Any = INGRESS):
         return error_response(RequestError(404, str(e), "job_id"))
     except FitUnavailableError as e:
         return _fit_unavailable(ingress, str(e))
+
+
+@api.delete(
+    "/v1/jobs/{job_id}",
+    tags=["fitting"],
+    dependencies=AUTH,
+    summary="cancel a fit job: it ends STOPPED and writes no user",
+    responses={
+        200: {"description": "the job has ended (STOPPED now, or how it had ended before): its state"},
+        202: {"description": "the job is being stopped: its state; poll GET /v1/jobs/{job_id}"},
+        404: {"description": "no such fit job"},
+        503: {"description": "fitting is not available"},
+    },
+)
+async def v1_cancel_job(job_id: str, ingress: Any = INGRESS):
+    manager = ingress.fit_manager()
+    if manager is None:
+        return _fit_unavailable(ingress)
+    try:
+        state = await asyncio.to_thread(manager.cancel, job_id)
+    except UnknownJobError as e:
+        return error_response(RequestError(404, str(e), "job_id"))
+    except FitUnavailableError as e:
+        return _fit_unavailable(ingress, str(e))
+    return JSONResponse(state, status_code=200 if state["status"] in TERMINAL else 202)
 
 
 __all__ = []

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import hmac
 
-_state: dict[str, str | None] = {"key": None}
+_state: dict[str, str | bool | None] = {"key": None, "public_docs": False}
 
 
-def set_key(key: str | None) -> None:
+def set_key(key: str | None, public_docs: bool = False) -> None:
     _state["key"] = key or None
+    _state["public_docs"] = public_docs
+
+
+def docs_public() -> bool:
+    """/docs and /openapi.json: open with `public_docs`, else they follow the key rule like the API."""
+    return bool(_state["public_docs"])
 
 
 def enabled() -> bool:

@@ -49,6 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument(
         "--api-key", help="require 'Authorization: Bearer KEY' on every route but health (or PREMIER_SERVE_API_KEY)"
     )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback --host without an API key (anyone who reaches the address may use the API)",
+    )
     g.add_argument("--address", help="an existing Ray cluster to join (default: start a local one)")
     g.add_argument(
         "--no-dashboard",
@@ -78,6 +84,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "max_batch_size",
         "max_queued_requests",
         "api_key",
+        "insecure",
     )
     out = {k: getattr(args, k) for k in keys}
     if args.batch_wait_ms is not None:
@@ -86,7 +93,7 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.config import describe, load_config
+    from serving.config import check_exposure, describe, load_config
     from serving.server import ServerSession
 
     config, options = load_config(args.config, _overrides(args))
@@ -96,6 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if v is not None
     }
     options = options.model_copy(update=updates)
+    config = check_exposure(config, options)  # refused here too, so --check-config says what start would
     if args.check_config:
         print(describe(config, options))
         return 0
@@ -107,7 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     with ServerSession(config, options, address=args.address, dashboard=args.dashboard) as session:
         print(
             f"premier serve: HTTP {session.http_url} (OpenAPI {session.http_url}/docs), "
-            f"gRPC {session.grpc_target} (KServe v2), metrics {session.http_url}/metrics; Ctrl-C to stop",
+            f"gRPC {session.grpc_target} (KServe v2; Ray's gRPC proxy listens on every interface, "
+            f"{'only local peers are served' if session.config.grpc_peers == 'loopback' else 'any peer'}), "
+            f"metrics {session.http_url}/metrics, Ray dashboard and Jobs API "
+            f"{session.dashboard_url or 'off'}; Ctrl-C to stop",
             flush=True,
         )
         session.serve_forever()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -125,6 +125,17 @@ class ServeConfig(BaseModel):
     api_key: SecretStr | None = Field(
         None, description="if set, every route but health needs 'Authorization: Bearer <key>'"
     )
+    public_docs: bool = Field(
+        False, description="serve /docs and /openapi.json without the API key (default: they follow the key rule)"
+    )
+    insecure: bool = Field(
+        False, description="allow `premier serve` to listen on a non-loopback address without an API key"
+    )
+    grpc_peers: Literal["any", "loopback"] = Field(
+        "any",
+        description="who may call the gRPC API: Ray's gRPC proxy binds every interface whatever `host` says, so "
+        "`premier serve` on a loopback host sets 'loopback' and the ingress refuses other peers",
+    )
     fitting: FitSettings = Field(default_factory=FitSettings)
 
     @field_validator("quantize")
@@ -215,6 +226,36 @@ class ServerOptions(BaseModel):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=0, le=65535)
     grpc_port: int = Field(9000, ge=0, le=65535)
+
+    @property
+    def loopback(self) -> bool:
+        return is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    """A host name or address that only this machine can reach."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: ServeConfig, options: ServerOptions) -> ServeConfig:
+    """Closed by default: refuse a non-loopback listener without an API key (unless `insecure`), and on a
+    loopback host let only loopback peers use gRPC (Ray's gRPC proxy listens on every interface)."""
+    if not options.loopback and config.api_key is None and not config.insecure:
+        raise InvalidRequestError(
+            "host",
+            f"refusing to listen on {options.host} without an API key: set one (--api-key or PREMIER_SERVE_API_KEY), "
+            "or pass --insecure to serve anyone who can reach this address",
+        )
+    if options.loopback and config.grpc_peers == "any":
+        config = config.model_copy(update={"grpc_peers": "loopback"})
+    return config
 
 
 # ---------------------------------------------------------------------- loading

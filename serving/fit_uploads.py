@@ -1,36 +1,96 @@
-"""A fit upload: its checks before anything is written, and its job folder written whole or not at all.
+"""A fit upload: its checks, cheapest first and before any work, and its job folder.
 
-The job folder (JOB_DIR/{job.json, images/ with captions.jsonl}) is written beside its final place,
-every image is decoded once, and it is renamed into place, so a job never sees half an upload.
+`check_upload` runs before anything is written or decoded: names, counts, byte sizes and captions,
+then each image's format by its content (PNG, JPEG or WebP only: a GIF, BMP, TIFF or EPS is refused
+with `UnsupportedMediaError`, and Pillow is never asked to open another format), then its header:
+width x height against `max_image_pixels` and the job's decoded size (width x height x 4 bytes,
+what Pillow holds per pixel) against `max_decoded_bytes`. A flat 8192x8192 PNG of 200 KB is refused
+there, from its 33-byte header, before a pixel is decoded.
+
+`write_upload` fills the job folder the manager reserved (JOB_DIR/images with captions.jsonl, then
+JOB_DIR/job.json last): every image is decoded once, in the manager's bounded pool of decode
+threads, so that a truncated image is refused now and not in the job; the job is submitted only
+after the folder is complete. The fitting task checks the same limits again (`check_images`).
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import shutil
-import tempfile
+import warnings
+from collections.abc import Iterable
+from concurrent.futures import Executor
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from premier.errors import InvalidRequestError
-from premier.training.dataset import CAPTIONS_FILE, IMAGE_SUFFIXES, read_user_folder
-from premier.training.prepared import load_image
+from premier.training.dataset import CAPTIONS_FILE, read_user_folder
 from serving.fit_settings import (
+    DECODED_BYTES_PER_PIXEL,
     IMAGES_DIR,
     MAX_NAME_BYTES,
     SPEC_FILE,
     FitSettings,
     FitUnavailableError,
+    UnsupportedMediaError,
     UploadTooLargeError,
+    public_reason,
+)
+
+_ALLOWED_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+)
+_OTHER_MAGIC = (  # only to say what a refused file is
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+    (b"%!PS", "PostScript/EPS"),
+    (b"\xc5\xd0\xd3\xc6", "EPS"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"%PDF", "PDF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"8BPS", "PSD"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"qoif", "QOI"),
+    (b"<?xml", "XML/SVG"),
+    (b"<svg", "SVG"),
 )
 
 
+def sniff(data: bytes) -> str | None:
+    """The format of an image by its first bytes: "PNG", "JPEG", "WEBP", or None for anything else."""
+    for magic, fmt in _ALLOWED_MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _what(data: bytes) -> str:
+    for magic, fmt in _OTHER_MAGIC:
+        if data.startswith(magic):
+            return f"{fmt} data"
+    if data[4:12] in (b"ftypavif", b"ftypheic", b"ftypheix", b"ftypmif1"):
+        return "HEIF/AVIF data"
+    return "not an image of a known format"
+
+
+def _formats_text(s: FitSettings) -> str:
+    names = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}
+    return ", ".join(names[f] for f in s.image_formats)
+
+
 def check_upload(s: FitSettings, files: list[tuple[str, bytes]], captions: list[str]) -> None:
-    """Names, counts, sizes and captions, before anything is written (InvalidRequestError / UploadTooLargeError)."""
-    s = s
+    """Everything that can be checked before anything is written or decoded.
+
+    Raises InvalidRequestError (400), UploadTooLargeError (413) or UnsupportedMediaError (415), naming
+    the field (`images`, `images[i]`, `captions`, `captions[i]`).
+    """
     if not files:
         raise InvalidRequestError("images", "at least one image is needed to fit a user")
     if len(files) > s.max_images:
@@ -39,6 +99,7 @@ def check_upload(s: FitSettings, files: list[tuple[str, bytes]], captions: list[
         raise InvalidRequestError(
             "captions", f"{len(captions)} captions for {len(files)} images: give one caption per image, in order"
         )
+    suffixes = ", ".join(s.suffixes())
     total, seen = 0, set()
     for i, (name, data) in enumerate(files):
         where = f"images[{i}]"
@@ -55,9 +116,11 @@ def check_upload(s: FitSettings, files: list[tuple[str, bytes]], captions: list[
             raise InvalidRequestError(
                 where, f"file name {name[:40]!r}... must be printable and at most {MAX_NAME_BYTES} bytes"
             )
-        if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
-            raise InvalidRequestError(
-                where, f"file name {name!r} must end in one of {', '.join(sorted(IMAGE_SUFFIXES))}"
+        if name.startswith("."):
+            raise InvalidRequestError(where, f"file name {name!r} must not be hidden and must end in one of {suffixes}")
+        if Path(name).suffix.lower() not in s.suffixes():
+            raise UnsupportedMediaError(
+                where, f"file name {name!r} must end in one of {suffixes}: {_formats_text(s)} images only"
             )
         if name in seen:
             raise InvalidRequestError(where, f"file name {name!r} is used twice")
@@ -76,6 +139,86 @@ def check_upload(s: FitSettings, files: list[tuple[str, bytes]], captions: list[
             raise InvalidRequestError(
                 f"captions[{i}]", f"is {len(caption)} characters; at most {s.max_caption_chars} allowed"
             )
+    check_images(s, files)
+
+
+def check_images(s: FitSettings, files: Iterable[tuple[str, bytes]]) -> int:
+    """Each image's format by its content and its size by its header; returns the decoded bytes of them all.
+
+    Decodes nothing. UnsupportedMediaError (415) for a format not allowed, InvalidRequestError (400)
+    for a header that cannot be read, UploadTooLargeError (413) for too many pixels in one image or in
+    the job. The fitting task calls it again on the bytes it gets.
+    """
+    decoded = 0
+    for i, (name, data) in enumerate(files):
+        where = f"images[{i}]"
+        fmt = sniff(bytes(data[:16]))
+        if fmt is None or fmt not in s.image_formats:
+            what = f"{fmt} data" if fmt else _what(bytes(data[:16]))
+            raise UnsupportedMediaError(
+                where, f"{name!r} is not a readable image of an allowed format ({what}); {_formats_text(s)} only"
+            )
+        width, height = _header_size(where, name, data, fmt)
+        pixels = width * height
+        if pixels > s.max_image_pixels:
+            raise UploadTooLargeError(
+                where,
+                f"{name!r} is {width}x{height} = {pixels} pixels; at most {s.max_image_pixels} allowed "
+                "(refused before decoding)",
+            )
+        decoded += pixels * DECODED_BYTES_PER_PIXEL
+        if decoded > s.max_decoded_bytes:
+            raise UploadTooLargeError(
+                "images",
+                f"the images decode to more than {s.max_decoded_bytes} bytes together (counted as width x height x "
+                f"{DECODED_BYTES_PER_PIXEL}; {name!r} is {width}x{height}); send fewer or smaller images",
+            )
+    return decoded
+
+
+def _header_size(where: str, name: str, data: bytes, fmt: str) -> tuple[int, int]:
+    """(width, height) from the header only: Image.open reads no pixel data. Pillow's own bomb check, a warning
+    below twice its MAX_IMAGE_PIXELS and an error above, is silenced: the limit here is the settings'."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+                return im.width, im.height
+    except Image.DecompressionBombError as e:
+        raise UploadTooLargeError(
+            where, f"{name!r} has too many pixels ({_plain(e)}); refused before decoding"
+        ) from None
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as e:
+        raise InvalidRequestError(
+            where, f"{name!r} is not a readable image ({type(e).__name__}: {_plain(e)})"
+        ) from None
+
+
+def _plain(e: BaseException) -> str:
+    """An exception's message without the repr of an in-memory stream (Pillow names the file it was given)."""
+    text = str(e)
+    start = text.find("<_io.BytesIO object at ")
+    if start >= 0:
+        end = text.find(">", start)
+        text = text[:start] + "the upload" + text[end + 1 :]
+    return text
+
+
+def decode_problem(s: FitSettings, name: str, data: bytes) -> str:
+    """Why the image does not decode fully ('' if it does). Checked for format and size first: the limits hold."""
+    fmt = sniff(bytes(data[:16]))
+    if fmt is None or fmt not in s.image_formats:
+        return f"{_what(bytes(data[:16]))}; {_formats_text(s)} only"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[fmt]) as im:
+                if im.width * im.height > s.max_image_pixels:
+                    return f"{im.width}x{im.height} pixels; at most {s.max_image_pixels} allowed"
+                im.load()
+    except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError, Image.DecompressionBombError) as e:
+        return f"{type(e).__name__}: {_plain(e)}"
+    return ""
 
 
 def write_upload(
@@ -85,48 +228,37 @@ def write_upload(
     files: list[tuple[str, bytes]],
     captions: list[str],
     spec: dict[str, Any],
+    decoder: Executor | None = None,
 ) -> Path:
-    """JOB_DIR/{job.json, images/} written beside, checked (every image decodes), then renamed into place."""
+    """Decode every image once (in `decoder`'s threads), then write JOB_DIR/images and JOB_DIR/job.json (last).
+
+    `job_dir` exists (the manager reserved it); the caller removes it if this fails. InvalidRequestError
+    (naming images[i]) for an image that does not decode; FitUnavailableError for a disk that cannot be
+    written (the server's trouble: its message names no path).
+    """
+    names = [name for name, _ in files]
+    if decoder is not None:
+        problems = list(decoder.map(lambda f: decode_problem(settings, *f), files))
+    else:
+        problems = [decode_problem(settings, *f) for f in files]
+    for i, (name, reason) in enumerate(zip(names, problems)):
+        if reason:
+            raise InvalidRequestError(f"images[{i}]", f"{name!r} is not a readable image ({reason})")
     try:
-        job_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{job_dir.name}.", dir=job_dir.parent))
-    except OSError as e:
-        raise FitUnavailableError(f"cannot store uploads in {job_dir.parent}: {e.strerror}") from None
-    try:
-        images = tmp / IMAGES_DIR
+        images = job_dir / IMAGES_DIR
         images.mkdir()
         for name, data in files:
             (images / name).write_bytes(data)
-        lines = [json.dumps({"file": name, "prompt": caption}) for (name, _), caption in zip(files, captions)]
+        lines = [json.dumps({"file": name, "prompt": caption}) for name, caption in zip(names, captions)]
         (images / CAPTIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        for i, (name, _) in enumerate(files):
-            reason = undecodable(settings, images / name).replace(
-                str(images / name), name
-            )  # no server paths in replies
-            if reason:
-                raise InvalidRequestError(f"images[{i}]", f"{name!r} is not a readable image ({reason})")
-        read_user_folder(images, user_id=user_id)  # the job reads it the same way
-        (tmp / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
-        os.replace(tmp, job_dir)
-        return job_dir
+        try:
+            read_user_folder(images, user_id=user_id)  # the job reads it the same way
+        except InvalidRequestError as e:  # its messages name the folder: not in a reply
+            raise InvalidRequestError("images", public_reason(e.message)) from None
+        (job_dir / SPEC_FILE).write_text(json.dumps(spec, indent=1) + "\n")
     except OSError as e:  # a full or read-only disk: the server's trouble, not the request's
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FitUnavailableError(f"cannot store the upload: {e.strerror}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise FitUnavailableError(f"cannot store the upload: {e.strerror or type(e).__name__}") from None
+    return job_dir
 
 
-def undecodable(settings: FitSettings, path: Path) -> str:
-    """Why the image cannot be used ('' if it can): it must decode fully and stay within the pixel limit."""
-    try:
-        with Image.open(path) as im:
-            if im.width * im.height > settings.max_image_pixels:
-                return f"{im.width}x{im.height} pixels; at most {settings.max_image_pixels} allowed"
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        return f"{type(e).__name__}: {e}"
-    image, reason = load_image(path)
-    return "" if image is not None else reason
-
-
-__all__ = ["check_upload", "write_upload", "undecodable"]
+__all__ = ["check_upload", "check_images", "decode_problem", "write_upload", "sniff"]

@@ -24,12 +24,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import torch
 from ray import serve
 
 from premier.logs import quiet_libraries
-from premier.requests import GenerationRequest, PreparedBatch
+from premier.requests import GenerationRequest, GenerationSettings, PreparedBatch
 from serving.config import ServeConfig
-from serving.protocol import REQUEST_ERRORS, ImageRequest, ImageResult, ModelInfo, Outcome, error_for
+from serving.protocol import REQUEST_ERRORS, ImageRequest, ImageResult, ModelInfo, Outcome, RequestError, error_for
 
 log = logging.getLogger("ray.serve")
 MAX_FORMING_BATCHES = 1024  # batches Ray Serve may hand over at once; each holds >= 1 request, so never reached
@@ -42,12 +43,43 @@ class _MergedBatchesWarning(logging.Filter):
         return "max_concurrent_batches" not in record.getMessage()
 
 
+def failure_of(e: BaseException, request: ImageRequest) -> RequestError:
+    """The answer for a request whose preparation or forward raised `e` on its own (not in a batch).
+
+    The project's request errors keep their status; an error that text or numbers provoke in the
+    tokenizer or the model (TypeError, ValueError, UnicodeError) is the request's own input: 400;
+    out of memory for this request's shape: 503 (retry, smaller); anything else is a server fault: 500,
+    logged with its traceback and the request id, which the answer carries (never the traceback).
+    """
+    if isinstance(e, REQUEST_ERRORS):
+        return error_for(e)
+    if isinstance(e, torch.OutOfMemoryError):
+        log.warning("request %s: out of memory at %s", request.request_id, request.settings)
+        return RequestError(
+            503, f"out of memory for this request's size (request {request.request_id}); retry smaller or later"
+        )
+    if isinstance(e, (TypeError, ValueError, UnicodeError)):
+        log.info("request %s could not be processed: %r", request.request_id, e)
+        return RequestError(400, f"the request could not be processed ({type(e).__name__}); check the prompt", "prompt")
+    log.error("request %s failed", request.request_id, exc_info=e)
+    return RequestError(500, f"internal error (request {request.request_id}); it has been logged")
+
+
+def expired(request: ImageRequest) -> RequestError:
+    message = f"request {request.request_id} was dropped: its deadline passed before it reached the model"
+    return RequestError(503, message, reason="expired")
+
+
+def release_memory(e: BaseException) -> None:
+    """After an out-of-memory error, give the allocator's cache back before the retry."""
+    if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class Generator:
     """Holds the pipeline; `generate` is what the ingress calls, once per image."""
 
     def __init__(self, args: dict[str, Any]):
-        import torch
-
         from premier.pipeline import PremierPipeline
 
         self.config = c = ServeConfig.model_validate(args)
@@ -68,6 +100,7 @@ class Generator:
         self._batch.set_batch_wait_timeout_s(c.batch_wait_timeout_s)
         self._batches = 0
         self._waiting: list[tuple[ImageRequest, asyncio.Future]] = []
+        self._cancelled: set[str] = set()  # request ids whose callers gave up while they waited
         self._pipeline_lock = asyncio.Lock()
         self.pipe(self._warmup_requests(), self.pipe.default_settings(), output_type="np")  # first call pays lazy init
         log.info("generator ready: pid %d, max_batch_size %d", os.getpid(), c.max_batch_size)
@@ -92,7 +125,11 @@ class Generator:
 
     # ------------------------------------------------------------------ generation
     async def generate(self, request: ImageRequest) -> Outcome:
-        return await self._batch(request)
+        try:
+            return await self._batch(request)
+        except asyncio.CancelledError:  # the caller gave up (client gone): drop it before it reaches the model
+            self._cancelled.add(request.request_id)
+            raise
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002, max_concurrent_batches=MAX_FORMING_BATCHES)
     async def _batch(self, items: list[ImageRequest]) -> list[Outcome]:
@@ -114,48 +151,76 @@ class Generator:
                     continue
                 try:
                     results = await loop.run_in_executor(self._executor, self._run_batch, [p for p, _ in take])
-                except Exception as e:  # a bug, not bad input: every request of that forward gets it
-                    results = [e] * len(take)
-                for (_, f), r in zip(take, results):
-                    f.set_exception(r) if isinstance(r, Exception) else f.set_result(r)
+                except Exception as e:  # a bug outside any forward: every request of that batch gets a 500
+                    results = [failure_of(e, p) for p, _ in take]
+                for (_, f), r in zip(take, results, strict=True):
+                    f.set_result(r)
         return [f.result() for f in futures]
 
     def _run_batch(self, items: list[ImageRequest]) -> list[Outcome]:
-        """Resolve each request's user tokens (a bad one gets its error and leaves), then one forward per settings group."""
+        """Drop expired requests, resolve each one's user tokens (a bad one gets its error and leaves), then one
+        forward per settings group."""
         self._batches += 1
         batch_id = f"{os.getpid()}-{self._batches}"
         out: list[Outcome | None] = [None] * len(items)
         groups: dict[Any, list[tuple[int, PreparedBatch]]] = {}
+        now = time.time()
         for i, item in enumerate(items):
+            if item.request_id in self._cancelled:
+                self._cancelled.discard(item.request_id)
+                out[i] = RequestError(499, f"request {item.request_id} was cancelled by its client", reason="cancelled")
+                continue
+            if item.deadline is not None and now > item.deadline:
+                out[i] = expired(item)
+                continue
             try:
                 prepared = self._prepare(item)
-            except REQUEST_ERRORS as e:
-                out[i] = error_for(e)
+            except Exception as e:  # whatever a request's preparation raises is that request's own failure
+                out[i] = failure_of(e, item)
                 continue
             groups.setdefault(item.settings, []).append((i, prepared))
         for settings, members in groups.items():
-            group_start = time.time()
-            try:
-                results = self.pipe(PreparedBatch.merge([p for _, p in members]), output_type="np")
-            except REQUEST_ERRORS as e:
-                for i, _ in members:
-                    out[i] = error_for(e)
-                continue
-            for pos, ((i, _), res) in enumerate(zip(members, results)):
-                timings = {k: v for k, v in res.timings.items() if k != "batch_size"}
-                timings["pipeline_s"] = timings.pop("total_s")
-                timings["queue_wait_s"] = max(0.0, group_start - (items[i].received_at or group_start))
-                out[i] = ImageResult(
-                    image=res.image,
-                    seed=res.seed,
-                    settings=settings,
-                    batch_size=len(members),
-                    batch_id=batch_id,
-                    batch_position=pos,
-                    timings=timings,
-                    user_cache=items[i].user_cache,
-                )
+            self._forward(items, members, settings, batch_id, out)
         return out  # type: ignore[return-value] - every slot was filled
+
+    def _forward(
+        self,
+        items: list[ImageRequest],
+        members: list[tuple[int, PreparedBatch]],
+        settings: GenerationSettings,
+        batch_id: str,
+        out: list[Outcome | None],
+    ) -> None:
+        """One forward for `members`; when it raises, its halves are retried, so only a request that fails alone
+        gets an error and the others are served (each image is the same in any batch)."""
+        group_start = time.time()
+        try:
+            results = self.pipe(PreparedBatch.merge([p for _, p in members]), output_type="np")
+        except Exception as e:
+            if len(members) == 1:
+                i = members[0][0]
+                out[i] = failure_of(e, items[i])
+                return
+            log.warning("a batch of %d failed (%s); retrying it in halves", len(members), type(e).__name__)
+            release_memory(e)
+            half = len(members) // 2
+            self._forward(items, members[:half], settings, batch_id, out)
+            self._forward(items, members[half:], settings, batch_id, out)
+            return
+        for pos, ((i, _), res) in enumerate(zip(members, results, strict=True)):
+            timings = {k: v for k, v in res.timings.items() if k != "batch_size"}
+            timings["pipeline_s"] = timings.pop("total_s")
+            timings["queue_wait_s"] = max(0.0, group_start - (items[i].received_at or group_start))
+            out[i] = ImageResult(
+                image=res.image,
+                seed=res.seed,
+                settings=settings,
+                batch_size=len(members),
+                batch_id=batch_id,
+                batch_position=pos,
+                timings=timings,
+                user_cache=items[i].user_cache,
+            )
 
     def _prepare(self, item: ImageRequest) -> PreparedBatch:
         """The request as a one-request batch: the ingress checked everything but the user's tokens."""

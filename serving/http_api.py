@@ -10,22 +10,29 @@ No `from __future__ import annotations` in the route modules: FastAPI needs the 
 (request bodies, `Request`) as real types.
 """
 
-import json
+import logging
+import uuid
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.protocol import RequestError
+from serving.protocol import RequestError, safe_text
+
+log = logging.getLogger("ray.serve")
 
 api = FastAPI(
     title="Premier Serve",
     description="Personalized text-to-image generation: one image per (prompt, user, seed), many users per forward. "
     "Also speaks the KServe v2 / Open Inference Protocol under /v2 (and over gRPC).",
     version="1",
+    docs_url=None,  # served below, behind the API key unless `public_docs`
+    redoc_url=None,
+    openapi_url=None,
 )
 _bearer = HTTPBearer(auto_error=False, description="the server's API key, if it has one")
 
@@ -38,6 +45,23 @@ def require_key(creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -
 
 
 AUTH = [Depends(require_key)]
+
+
+def require_key_for_docs(creds: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    from serving import auth
+
+    if not auth.docs_public():
+        require_key(creds)
+
+
+@api.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_key_for_docs)])
+def openapi_schema(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+@api.get("/docs", include_in_schema=False, dependencies=[Depends(require_key_for_docs)])
+def docs() -> HTMLResponse:
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="Premier Serve API")
 
 
 def current_ingress() -> Any:
@@ -56,20 +80,35 @@ def error_response(error: RequestError, headers: dict[str, str] | None = None) -
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming the first bad field; the details never echo the input (it may be huge, NaN or not Unicode)."""
     errs = exc.errors()
     first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
     loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "form")]
     field = ".".join(loc) or "body"
-    return JSONResponse(
-        {"error": f"{field}: {first.get('msg')}", "field": field, "detail": json.loads(json.dumps(errs, default=str))},
-        status_code=422,
-    )
+    detail = [
+        {
+            "loc": [safe_text(str(p), 200) for p in e.get("loc", ())],
+            "msg": safe_text(str(e.get("msg", "")), 500),
+            "type": safe_text(str(e.get("type", "")), 100),
+        }
+        for e in errs[:20]
+    ]
+    body = RequestError(422, f"{field}: {first.get('msg')}", field).body()
+    return JSONResponse({**body, "detail": detail}, status_code=422)
+
+
+@api.exception_handler(Exception)
+async def _server_fault(request: Request, exc: Exception) -> JSONResponse:
+    """A bug, not the request's fault: logged with an id; the answer carries the id only (no traceback, no paths)."""
+    error_id = uuid.uuid4().hex[:16]
+    log.error("%s %s failed (error %s)", request.method, request.url.path, error_id, exc_info=exc)
+    return error_response(RequestError(500, f"internal error {error_id}; it has been logged"))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    return error_response(RequestError(exc.status_code, str(exc.detail)), headers)
+    return error_response(RequestError(exc.status_code, str(exc.detail)), headers or getattr(exc, "headers", None))
 
 
 __all__ = ["api", "AUTH", "INGRESS", "current_ingress", "require_key", "error_response"]

@@ -16,6 +16,7 @@ Ray Serve's gRPC proxy calls them on this class by RPC name).
 """
 
 import asyncio
+import dataclasses
 import logging
 import random
 import time
@@ -50,6 +51,23 @@ from serving.users import UserDirectory
 log = logging.getLogger("ray.serve")
 
 
+READY_CACHE_S = 1.0  # how long a readiness answer is reused (probes and scrapes may come often)
+READY_PROBE_S = 5.0
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
+
+
+def _running_generators() -> int:
+    """Generator replicas in the RUNNING state, as Serve's controller reports them."""
+    from serving.config import APP_NAME
+
+    app = serve.status().applications.get(APP_NAME)
+    deployment = app.deployments.get("Generator") if app is not None else None
+    return int(deployment.replica_states.get("RUNNING", 0)) if deployment is not None else 0
+
+
 @serve.deployment
 @serve.ingress(api)
 class Ingress(KServeGRPC):
@@ -58,7 +76,7 @@ class Ingress(KServeGRPC):
 
         self.config = ServeConfig.model_validate(args)
         self.generator = generator
-        auth.set_key(self.config.api_key.get_secret_value() if self.config.api_key else None)
+        auth.set_key(self.config.api_key.get_secret_value() if self.config.api_key else None, self.config.public_docs)
         self.admitted = 0
         self.bound = self.config.admission_bound
         self.metrics = ServeMetrics(fit_counts=self._fit_counts)
@@ -67,6 +85,7 @@ class Ingress(KServeGRPC):
         self._fit: FitJobManager | None = None
         self._fit_error: str | None = None
         self._info: ModelInfo | None = None
+        self._ready, self._ready_checked = False, -1e9
 
     # ------------------------------------------------------------------ the model, as a generator describes it
     async def model_info(self, timeout_s: float = 30.0) -> ModelInfo:
@@ -75,15 +94,30 @@ class Ingress(KServeGRPC):
         return self._info
 
     async def is_ready(self) -> bool:
+        """Live: a generator replica is RUNNING now (Serve's controller says so; asked at most once a second)
+        and one has described the model. Losing the last replica turns this false within seconds."""
+        now = time.monotonic()
+        if now - self._ready_checked < READY_CACHE_S:
+            return self._ready
         try:
-            await self.model_info(timeout_s=5.0)
-            return True
+            running = await asyncio.wait_for(asyncio.to_thread(_running_generators), READY_PROBE_S)
+            ready = running > 0
+            if ready:
+                await self.model_info(timeout_s=5.0)
         except Exception:  # not ready, whatever the reason
-            return False
+            ready = False
+        self._ready, self._ready_checked = ready, time.monotonic()
+        return ready
 
     # ------------------------------------------------------------------ generation, for every protocol
-    async def run_generation(self, params: GenerateParams, protocol: str) -> Outcome:
-        """Validate, resolve the user, admit (or refuse at once) and forward to a generator. Never raises."""
+    async def run_generation(
+        self, params: GenerateParams, protocol: str, client_timeout_s: float | None = None
+    ) -> Outcome:
+        """Validate, resolve the user, admit (or refuse at once) and forward to a generator. Never raises
+        (but a cancelled caller, a client that went away, cancels the generator's request too).
+
+        The request's deadline is the server's `request_timeout_s` or the client's own (gRPC), if sooner.
+        """
         try:
             info = await self.model_info(timeout_s=10.0)
         except Exception:  # not ready, whatever the reason
@@ -98,26 +132,41 @@ class Ingress(KServeGRPC):
         if isinstance(prepared, RequestError):
             self.metrics.refused(protocol, prepared.status)
             return prepared
+        timeout_s = self.config.request_timeout_s
+        if client_timeout_s is not None:
+            timeout_s = max(0.0, min(timeout_s, client_timeout_s))
+        prepared = dataclasses.replace(prepared, deadline=received_at + timeout_s)
         if self.admitted >= self.bound:
             result = busy(f"server busy: {self.admitted} requests queued or running (bound {self.bound}); retry later")
             self.metrics.refused(protocol, result.status)
             return result
         self.admitted += 1
         self.metrics.queue_depth.set(self.admitted)
+        response = None
         try:
-            result = await asyncio.wait_for(self.generator.generate.remote(prepared), self.config.request_timeout_s)
+            response = self.generator.generate.remote(prepared)
+            result = await asyncio.wait_for(_awaited(response), timeout_s)
+        except asyncio.CancelledError:  # the client went away: so does its request
+            if response is not None:
+                response.cancel()
+            self.metrics.dropped.labels("disconnected").inc()
+            raise
         except BackPressureError:
             result = busy("server busy: the generators' queues are full; retry later")
         except RayActorError as e:
             log.warning("generator replica lost: %s", type(e).__name__)
             result = busy("a generator replica was lost; retry (it is being replaced)")
         except asyncio.TimeoutError:
-            result = busy(f"generation took longer than {self.config.request_timeout_s:g}s; retry later")
+            if response is not None:
+                response.cancel()
+            result = busy(f"generation took longer than {timeout_s:g}s; retry later")
         finally:
             self.admitted -= 1
             self.metrics.queue_depth.set(self.admitted)
         if isinstance(result, RequestError):
             self.metrics.refused(protocol, result.status)
+            if result.reason:
+                self.metrics.dropped.labels(result.reason).inc()
         return result
 
     def prepare_request(

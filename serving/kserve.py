@@ -151,10 +151,14 @@ def parse_http_infer(body: bytes, header_length: int | None) -> tuple[dict[str, 
         head, tail = body, b""
     try:
         req = json.loads(head)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InvalidRequestError("body", f"is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, over-long integers, deep nesting
+        raise InvalidRequestError("body", f"is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list):
         raise InvalidRequestError("inputs", "the request must be a JSON object with an 'inputs' list")
+    if not isinstance(req.get("parameters") or {}, dict):
+        raise InvalidRequestError("parameters", "must be a JSON object")
+    if not isinstance(req.get("outputs") or [], list):
+        raise InvalidRequestError("outputs", "must be a list")
     decoded: dict[str, Any] = {}
     offset = 0
     for i, t in enumerate(req["inputs"]):
@@ -173,6 +177,8 @@ def parse_http_infer(body: bytes, header_length: int | None) -> tuple[dict[str, 
             )
         if name in decoded:
             raise InvalidRequestError(name, "is given twice")
+        if not isinstance(t.get("parameters") or {}, dict):
+            raise InvalidRequestError(name, "parameters must be a JSON object")
         size = (t.get("parameters") or {}).get("binary_data_size")
         if size is not None:
             if not isinstance(size, int) or size < 0 or offset + size > len(tail):
@@ -192,6 +198,8 @@ def parse_http_infer(body: bytes, header_length: int | None) -> tuple[dict[str, 
         if not isinstance(o, dict) or o.get("name") != OUTPUT.name:
             got = o.get("name") if isinstance(o, dict) else o
             raise InvalidRequestError(str(got), f"unknown output tensor {got!r}; {MODEL_NAME} returns {OUTPUT.name}")
+        if not isinstance(o.get("parameters") or {}, dict):
+            raise InvalidRequestError(OUTPUT.name, "parameters must be a JSON object")
         binary = bool((o.get("parameters") or {}).get("binary_data", binary))
     rid = req.get("id")
     return parameters_from(decoded), binary, rid if isinstance(rid, str) else None

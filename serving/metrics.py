@@ -33,7 +33,9 @@ class _FitJobCollector:
         self._counts = counts
 
     def collect(self):
-        g = GaugeMetricFamily("premier_fit_jobs", "Fit jobs known to the Ray Jobs API, by status.", labels=["status"])
+        g = GaugeMetricFamily(
+            "premier_fit_jobs", "Fit jobs: live ones and the kept results of ended ones, by status.", labels=["status"]
+        )
         try:
             counts = self._counts() or {}
         except Exception:  # a scrape must not fail because the Jobs API is away
@@ -77,6 +79,13 @@ class ServeMetrics:
             registry=r,
         )
         self.images = Counter("premier_images_generated", "Images generated.", registry=r)
+        self.dropped = Counter(
+            "premier_requests_dropped",
+            "Admitted requests dropped before or instead of reaching the model: expired (deadline passed), "
+            "cancelled or disconnected (the client went away).",
+            ["reason"],
+            registry=r,
+        )
         self.cache = Counter(
             "premier_user_cache_lookups",
             "User-embedding lookups by outcome (hit, miss, checkpoint).",

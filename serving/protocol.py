@@ -10,6 +10,7 @@ an HTTP status (and, through `grpc_code`, a gRPC code); every front end uses it.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,16 +29,21 @@ from premier.models.loading import ModelProfile
 from premier.requests import GenerationSettings
 from store.errors import StoreError
 
+log = logging.getLogger("ray.serve")
+
 # Errors a request can cause (or meet: a busy store); anything else is a server fault.
 REQUEST_ERRORS = (InvalidRequestError, InvalidEmbeddingError, CheckpointError, StoreError)
 
 _GRPC_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
     501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
     504: grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -51,6 +57,8 @@ class RequestError:
     status: int
     message: str
     field: str | None = None
+    reason: str | None = None
+    """Why a request was dropped unanswered by the model ("expired", "cancelled"), for the metrics."""
 
     ok = False
 
@@ -60,7 +68,17 @@ class RequestError:
         return self.status == 503
 
     def body(self) -> dict[str, Any]:
-        return {"error": self.message} if self.field is None else {"error": self.message, "field": self.field}
+        """The JSON body: always encodable (a message that quotes bad input may hold lone surrogates)."""
+        body = {"error": safe_text(self.message)}
+        if self.field is not None:
+            body["field"] = safe_text(self.field)
+        return body
+
+
+def safe_text(text: str, limit: int = 2000) -> str:
+    """`text` as valid UTF-8 (lone surrogates replaced), at most `limit` characters."""
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def error_for(e: BaseException) -> RequestError:
@@ -74,7 +92,8 @@ def error_for(e: BaseException) -> RequestError:
     if isinstance(e, CheckpointError):
         return RequestError(409, str(e), "user")
     if isinstance(e, StoreError):  # busy or unreadable store: the request may succeed later
-        return RequestError(503, f"user store unavailable: {e}")
+        log.warning("user store unavailable: %s", e)  # the detail (paths) for the server's log only
+        return RequestError(503, "the user store is unavailable; retry later")
     raise e
 
 
@@ -152,6 +171,9 @@ class ImageRequest:
     user_cache: str = "none"
     """How the ingress found the user: hit or miss (store embedding cache), checkpoint, none."""
     received_at: float = 0.0
+    deadline: float | None = None
+    """Epoch seconds after which the answer is of no use (the client's deadline or the server's timeout):
+    a request still waiting then is dropped before it reaches the model."""
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 

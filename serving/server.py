@@ -13,8 +13,11 @@ import socket
 import threading
 import time
 
-from serving.config import APP_NAME, GRPC_SERVICER, ServeConfig, ServerOptions
+from premier.errors import InvalidRequestError
+from serving.config import APP_NAME, GRPC_SERVICER, ServeConfig, ServerOptions, check_exposure
 
+BIND_ATTEMPTS = 3
+BIND_WAIT_S = 60.0
 STORE_RESOURCE = "premier_store"  # the custom resource of the store's node (deploy/k8s: the head group declares it)
 
 
@@ -38,8 +41,9 @@ class ServerSession:
         dashboard_port: int | None = None,
         ready_timeout_s: float = 300.0,
     ):
-        self.config = config
+        self.config = check_exposure(config, options)  # closed by default (serving/config.py)
         self.host = options.host
+        self._auto_ports = (options.http_port == 0, options.grpc_port == 0)  # re-picked if taken before Ray binds
         self.http_port = options.http_port or free_port(self.host)
         self.grpc_port = options.grpc_port or free_port(self.host)
         self.address = address
@@ -100,12 +104,38 @@ class ServerSession:
             ray.init(**kwargs)
             self._started_ray = True
         self._running = True
-        serve.start(
-            http_options={"host": self.host, "port": self.http_port},
-            grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
-        )
+        for attempt in range(1, BIND_ATTEMPTS + 1):
+            serve.start(
+                http_options={"host": self.host, "port": self.http_port},
+                grpc_options={"port": self.grpc_port, "grpc_servicer_functions": [GRPC_SERVICER]},
+            )
+            if self._listening(self.http_port) and self._listening(self.grpc_port):
+                break
+            # A free port picked here was taken by someone else before Ray's proxies bound it: pick again.
+            if attempt == BIND_ATTEMPTS or not any(self._auto_ports):
+                raise InvalidRequestError(
+                    "http_port",
+                    f"Ray Serve could not listen on HTTP {self.host}:{self.http_port} and gRPC port {self.grpc_port}: "
+                    "is another server using them? (choose others with --http-port / --grpc-port, 0 for free ones)",
+                )
+            serve.shutdown()
+            self.http_port = free_port(self.host) if self._auto_ports[0] else self.http_port
+            self.grpc_port = free_port(self.host) if self._auto_ports[1] else self.grpc_port
         serve.run(build(self.config), name=APP_NAME, route_prefix="/")
         self.wait_ready(self.ready_timeout_s)
+
+    def _listening(self, port: int, timeout_s: float = BIND_WAIT_S) -> bool:
+        """Whether something accepts connections on `port` of this host within `timeout_s` (Ray's proxies start
+        asynchronously; one that failed to bind never does)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection((host, port), timeout=2):
+                    return True
+            except OSError:
+                time.sleep(0.2)
+        return False
 
     def wait_ready(self, timeout_s: float) -> None:
         import requests

@@ -29,10 +29,17 @@ class RunningServer:
 
     def __init__(self, store_dir: str, include_dashboard: bool):
         self.store_dir = store_dir
-        self.http_port, self.grpc_port = free_port(), free_port()
         self.dashboard_port = free_port() if include_dashboard else None
         self.config: ServeConfig | None = None
         self.session: ServerSession | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.session.http_port  # picked by the session, again if taken before Ray bound it
+
+    @property
+    def grpc_port(self) -> int:
+        return self.session.grpc_port
 
     @property
     def http_url(self) -> str:
@@ -73,7 +80,7 @@ def serve_app(
         values = overrides(server) if callable(overrides) else dict(overrides or {})
         values.setdefault("store", os.path.join(str(store_dir), "store"))
         server.config = build_config(values, environ={})
-        options = ServerOptions(host="127.0.0.1", http_port=server.http_port, grpc_port=server.grpc_port)
+        options = ServerOptions(host="127.0.0.1", http_port=0, grpc_port=0)
         server.session = ServerSession(
             server.config,
             options,
@@ -82,6 +89,7 @@ def serve_app(
             dashboard_port=server.dashboard_port,
             ready_timeout_s=ready_timeout_s,
         )
+        server.config = server.session.config  # as the session runs it (closed by default: see check_exposure)
         stack.enter_context(server.session)
         yield server
 

@@ -66,8 +66,8 @@ def test_open_loop_accounting_against_a_stub():
     assert any("boom" in e for e in out["errors"]) and any("Timeout" in e for e in out["errors"])
 
 
-def _run(b: int, sat: float, overhead_ms: float, lost: int = 0) -> dict:
-    level = {"lost": lost, "server_errors_5xx": 0, "refused_503": 7}
+def _run(b: int, sat: float, overhead_ms: float, lost: int = 0, goodput: float = 1.0) -> dict:
+    level = {"lost": lost, "server_errors_5xx": 0, "refused_503": 7, "images_per_s": sat * goodput}
     return {
         "max_batch_size": b,
         "saturation_images_per_s": sat,
@@ -83,9 +83,12 @@ def test_targets():
     assert runs[1]["images_per_s_over_batch1"] == 3.5
     assert t["server_overhead_p50_le_15ms"]["value_ms"] == 14.0 and t["server_overhead_p50_le_15ms"]["pass"]
     assert t["no_loss_no_5xx_at_2x_saturation"]["pass"]
-    t = load.targets([_run(1, 10.0, 9.0), _run(8, 25.0, 16.0, lost=1)])
+    assert t["goodput_at_2x_within_10pct_of_saturation"] == {"ratio": {1: 1.0, 8: 1.0}, "pass": True}
+    t = load.targets([_run(1, 10.0, 9.0), _run(8, 25.0, 16.0, lost=1, goodput=0.8)])
     assert not t["batch8_ge_3x_batch1"]["pass"] and not t["server_overhead_p50_le_15ms"]["pass"]
     assert not t["no_loss_no_5xx_at_2x_saturation"]["pass"]
+    assert t["goodput_at_2x_within_10pct_of_saturation"]["ratio"][8] == 0.8
+    assert not t["goodput_at_2x_within_10pct_of_saturation"]["pass"]
 
 
 def test_load_bench_quick(tmp_path):
@@ -116,6 +119,10 @@ def test_load_bench_quick(tmp_path):
     assert run["probe"]["mean_batch_size"] > 1  # a burst is served in batches
     at_2x = run["at_2x_saturation"]
     assert at_2x["offered_rps"] == pytest.approx(2 * run["saturation_images_per_s"], rel=0.01)
-    assert set(data["targets"]) == {"server_overhead_p50_le_15ms", "no_loss_no_5xx_at_2x_saturation"}
+    assert set(data["targets"]) == {
+        "server_overhead_p50_le_15ms",
+        "no_loss_no_5xx_at_2x_saturation",
+        "goodput_at_2x_within_10pct_of_saturation",
+    }
     assert data["targets"]["no_loss_no_5xx_at_2x_saturation"]["pass"]
     assert out.with_suffix(".png").stat().st_size > 10_000

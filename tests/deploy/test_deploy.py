@@ -163,9 +163,15 @@ def serve_yaml(objs: list[dict]) -> dict:
 
 
 def pod_env(objs: list[dict]) -> dict[str, str]:
-    """The PREMIER_SERVE_* environment the Ray pods get from the ConfigMap."""
+    """The PREMIER_SERVE_* environment the Ray head gets from the ConfigMap and its Secret references (a stand-in
+    value for each secret)."""
     data = one(objs, "ConfigMap", "premier-serve-env")["data"]
-    return {k: str(v) for k, v in data.items()}
+    env = {k: str(v) for k, v in data.items()}
+    head = one(objs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for var in head.get("env", []):
+        if "secretKeyRef" in var.get("valueFrom", {}):
+            env[var["name"]] = "secret-from-" + var["valueFrom"]["secretKeyRef"]["name"]
+    return env
 
 
 def effective_config(objs: list[dict]):

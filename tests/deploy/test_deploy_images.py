@@ -182,6 +182,9 @@ def test_entrypoint_is_the_servers(image: tuple[str, list[Stage]], monkeypatch: 
     for k in [k for k in os.environ if k.startswith("PREMIER_SERVE_")]:
         monkeypatch.delenv(k)
     args = [src if a == dest else a for a in argv[1:]]
+    # Closed by default: the image listens on 0.0.0.0, so it starts only with an API key (or --insecure).
+    assert main([*map(str, args), "--check-config"]) == 2
+    monkeypatch.setenv("PREMIER_SERVE_API_KEY", "a-key")
     assert main([*map(str, args), "--check-config"]) == 0
     config, options = _image_config(name)
     assert options.host == "0.0.0.0"

@@ -81,6 +81,41 @@ def test_kernels_equal_reference_on_random_shapes(dtype):
     }
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reordered_adaln_kernel_equals_the_original_and_the_reference(dtype):
+    """Scale/shift loaded before the reductions (the default variant) changes no value."""
+    from kernels.modulation import ADALN_VARIANTS, get_adaln_variant, set_adaln_variant, use_adaln_variant
+
+    assert get_adaln_variant() == "reordered" and set(ADALN_VARIANTS) == {"reordered", "original"}
+    with pytest.raises(ValueError, match="unknown AdaLN kernel variant"):
+        set_adaln_variant("fast")
+    g = torch.Generator().manual_seed(7)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    for b, t, l, d in [(1, 1, 1, 1), (2, 3, 4, 40), (3, 2, 5, 257)]:
+        emb = r(b, t, 6 * d)  # per-token scale/shift as strided chunks, as the modulated block passes them
+        shift, scale = emb.chunk(6, dim=-1)[:2]
+        x, image, i_scale, i_shift = r(b, t, d), r(b, l, d), r(b, d), r(b, 1, d)
+        ref = adaln_modulate_reference(x.float(), scale.float(), shift.float(), 1e-6)
+        ref_cat = torch.cat([ref, adaln_modulate_reference(image.float(), i_scale.float(), i_shift.float(), 1e-6)], 1)
+        outs = {}
+        for variant in ADALN_VARIANTS:
+            reset_kernel_calls()
+            with use_adaln_variant(variant):
+                outs[variant] = (
+                    adaln_modulate(x, scale, shift, eps=1e-6),
+                    adaln_modulate_cat(x, image, scale, shift, i_scale, i_shift, eps=1e-6),
+                )
+            assert kernel_calls() == {("adaln_modulate", "triton"): 1, ("adaln_modulate_cat", "triton"): 1}
+            _close(outs[variant][0], ref, dtype)
+            _close(outs[variant][1], ref_cat, dtype)
+        assert get_adaln_variant() == "reordered"
+        for a, o in zip(outs["reordered"], outs["original"]):
+            torch.testing.assert_close(a, o, rtol=0, atol=0)  # same arithmetic, only the load order differs
+
+
 def test_auto_falls_back_where_the_kernel_cannot_run():
     x = torch.randn(2, 3, 8)
     assert backend_for(x) == "triton"

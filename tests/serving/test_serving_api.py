@@ -105,8 +105,11 @@ def test_health_is_open_and_everything_else_needs_the_key(server):
             assert "API key" in r.json()["error"] and r.headers["WWW-Authenticate"] == "Bearer"
 
 
-def test_openapi_documents_every_route(server):
-    spec = requests.get(server.http_url + "/openapi.json", timeout=10).json()
+def test_openapi_documents_every_route(server, auth):
+    assert requests.get(server.http_url + "/openapi.json", timeout=10).status_code == 401  # the key rule, by default
+    assert requests.get(server.http_url + "/docs", timeout=10).status_code == 401
+    assert "swagger" in requests.get(server.http_url + "/docs", headers=auth, timeout=10).text.lower()
+    spec = requests.get(server.http_url + "/openapi.json", headers=auth, timeout=10).json()
     paths = spec["paths"]
     for p in (
         "/v1/generate",
@@ -125,7 +128,7 @@ def test_openapi_documents_every_route(server):
     schema = spec["components"]["schemas"][form["$ref"].split("/")[-1]] if "$ref" in form else form
     assert {"images", "captions"} <= set(schema["properties"])
     assert "202" in fit["responses"]
-    assert requests.get(server.http_url + "/docs", timeout=10).status_code == 200
+    assert requests.get(server.http_url + "/docs", headers=auth, timeout=10).status_code == 200
 
 
 def test_generate_png_and_json_agree_and_carry_timings(server, auth, model):
@@ -219,6 +222,11 @@ BAD_GENERATE = [
     ({"prompt": "p", "user_id": 7}, 422, "user_id"),
     ({"prompt": "p", "format": "gif"}, 422, "format"),
     ({"prompt": "p", "colour": "red"}, 422, "colour"),
+    ({"prompt": "a \ud800 lone surrogate"}, 400, "prompt"),
+    ({"prompt": "a\u0000b"}, 400, "prompt"),
+    ({"prompt": "p", "user_id": "a\ud800"}, 400, "user"),
+    ({"prompt": float("nan")}, 422, "prompt"),
+    ({"prompt": "p", "steps": float("inf")}, 422, "steps"),
 ]
 
 
@@ -267,6 +275,10 @@ def test_bad_input_on_every_other_route_is_a_clear_4xx(server, auth):
         ("post", "/v2/models/premier/infer", dict(data=b"{bad"), 400, "JSON"),
         ("post", "/v2/models/premier/infer", dict(json={"inputs": "x"}), 400, "inputs"),
         ("post", "/v2/models/premier/infer", dict(json={"inputs": []}), 400, "PROMPT"),
+        ("post", "/v2/models/premier/infer", dict(json={"inputs": [], "parameters": 5}), 400, "parameters"),
+        ("post", "/v2/models/premier/infer", dict(json={"inputs": [], "outputs": "IMAGE"}), 400, "outputs"),
+        ("post", "/v2/models/premier/infer", dict(data=b'{"inputs": [], "x": ' + b"9" * 5000 + b"}"), 400, "JSON"),
+        ("post", "/v2/models/premier/infer", dict(data=b"[" * 100_000 + b"]" * 100_000), 400, "JSON"),
         (
             "post",
             "/v2/models/premier/infer",
@@ -438,8 +450,51 @@ def test_overload_gets_fast_503s_while_the_server_keeps_serving(server, auth, mo
     served = codes.count(200)
     assert refused and served >= 16, (len(refused), served)
     assert all(r[2] == "1" and "busy" in r[3] for r in refused)
-    assert sorted(r[1] for r in refused)[len(refused) // 2] < 1.0, "503s must be answered at once"
+    # Refusals are answered at once, not after a wait in a queue: the typical 503 comes back before the typical
+    # 200 (an order, not a number of seconds: this machine may be busy).
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    assert median([r[1] for r in refused]) < median([r[1] for r in results if r[0] == 200])
     assert generate(server, auth, prompt="after the storm", user_id="bob", seed=1).status_code == 200
+
+
+def test_grpc_rpcs_not_served_are_unimplemented_and_faults_carry_no_traceback(server, auth):
+    import grpc
+
+    from serving.grpc_stubs import service_pb2, service_pb2_grpc
+
+    metadata = [(k.lower(), v) for k, v in auth.items()]
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for rpc, message in (
+            ("ModelStatistics", "ModelStatisticsRequest"),
+            ("RepositoryIndex", "RepositoryIndexRequest"),
+        ):
+            with pytest.raises(grpc.RpcError) as e:
+                getattr(stub, rpc)(getattr(service_pb2, message)(), metadata=metadata, timeout=60)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED, (rpc, e.value.details())
+        bad = service_pb2.ModelInferRequest(model_name="premier")
+        t = bad.inputs.add(name="PROMPT", datatype="BYTES")
+        t.shape.append(1)
+        bad.raw_input_contents.append(b"\x01")  # a BYTES tensor whose length prefix lies
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ModelInfer(bad, metadata=metadata, timeout=60)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "Traceback" not in e.value.details()
+    assert generate(server, auth, prompt="still serving", seed=1).status_code == 200
+
+
+def test_grpc_listens_on_every_interface_so_a_loopback_server_serves_local_peers_only(server):
+    """Ray's gRPC proxy binds [::] whatever `host` says (documented): `premier serve` on 127.0.0.1 therefore
+    answers gRPC from loopback peers only."""
+    port = f"{server.grpc_port:04X}"
+    listening = []
+    for table in ("/proc/net/tcp6", "/proc/net/tcp"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                if state == "0A" and local.endswith(":" + port):
+                    listening.append(local.rsplit(":", 1)[0])
+    assert listening and all(set(addr) == {"0"} for addr in listening), listening  # [::] / 0.0.0.0
+    assert server.config.grpc_peers == "loopback"
 
 
 def test_metrics_exposition_is_valid_and_counts(server, auth):

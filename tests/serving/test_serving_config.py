@@ -388,3 +388,35 @@ def test_kserve_malformed_binary_bytes_tensor_is_a_clear_error():
     )
     with pytest.raises(InvalidRequestError, match="PROMPT: cannot decode the BYTES data"):
         kserve.parse_http_infer(body, n)
+
+
+def test_closed_by_default_refuses_an_open_listener_without_a_key(capsys):
+    from serving.config import ServerOptions, build_config, check_exposure
+    from serving.grpc_kserve import loopback_peer
+
+    open_host = ServerOptions(host="0.0.0.0")
+    with pytest.raises(InvalidRequestError, match="without an API key") as e:
+        check_exposure(build_config({}, environ={}), open_host)
+    assert e.value.field == "host"
+    assert check_exposure(build_config({"api_key": "k"}, environ={}), open_host).grpc_peers == "any"
+    assert check_exposure(build_config({"insecure": True}, environ={}), open_host).grpc_peers == "any"
+    local = check_exposure(build_config({}, environ={}), ServerOptions(host="127.0.0.1"))
+    assert (
+        local.grpc_peers == "loopback"
+        and ServerOptions(host="::1").loopback
+        and ServerOptions(host="localhost").loopback
+    )
+    assert not ServerOptions(host="10.1.2.3").loopback
+    assert main(["serve", "--host", "0.0.0.0", "--check-config"]) == 2
+    assert "without an API key" in capsys.readouterr().err
+    assert main(["serve", "--host", "0.0.0.0", "--insecure", "--check-config"]) == 0
+    assert main(["serve", "--host", "0.0.0.0", "--api-key", "k", "--check-config"]) == 0
+    for peer, local_peer in (
+        ("ipv4:127.0.0.1:5000", True),
+        ("ipv6:[::1]:5000", True),
+        ("unix:/tmp/s", True),
+        ("ipv4:10.0.0.7:5000", False),
+        ("ipv6:[2001:db8::1]:5000", False),
+        ("", False),
+    ):
+        assert loopback_peer(peer) == local_peer, peer

@@ -1,7 +1,8 @@
 """Fitting new users as Ray jobs (serving/fitting.py, serving/fit_job.py) against a real local Ray with its Jobs API.
 
 Jobs fit a few dozen steps on the embedded model, so each takes seconds (most of it the job's
-Python start-up and imports).
+Python start-up and imports). The server's own fitting allows 1 running and 1 queued job, so the
+HTTP tests meet its caps; the manager tests use their own settings and uploads folders.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import struct
 import time
+import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,7 +36,10 @@ def server():
 
     The manager tests use the same cluster, each with its own store folder.
     """
-    app = {"fitting": FIT, "store_resource": STORE_RESOURCE}  # the ingress and the job drivers on the store's node
+    app = {  # the ingress and the job drivers on the store's node
+        "fitting": {**FIT, "max_running_jobs": 1, "max_queued_jobs": 1},
+        "store_resource": STORE_RESOURCE,
+    }
     with _dashboard_agent_port(free_port()), serve_app(app, include_dashboard=True) as running:
         _wait_for_job_agent(running.dashboard_url)
         yield running
@@ -122,8 +129,9 @@ def test_fit_job_stores_a_servable_user(cluster, manager, tmp_path):
         assert record.checkpoint_id == ckpt and record.vector.shape == (len(model.users),)
         assert torch.isfinite(store.materialise("alice")).all()
     assert manager.counts()["SUCCEEDED"] == 1 and manager.counts()["FAILED"] == 0
-    job_dir = tmp_path / "store" / "fit-uploads" / job_id
-    assert (job_dir / "result.json").is_file() and not (job_dir / "images").exists()  # uploads are not kept by default
+    uploads = tmp_path / "store" / "fit-uploads"
+    assert not (uploads / job_id).exists()  # the job's folder goes when it ends (uploads are not kept by default)
+    assert (uploads / "results" / f"{job_id}.json").is_file()
     # The fitting ran as a Ray task of the job (the driver only wrote the store).
     from ray.job_submission import JobSubmissionClient
     from ray.util.state import list_tasks
@@ -239,6 +247,9 @@ def test_failed_job_says_why_and_writes_no_user(cluster, tmp_path):
     status = wait(manager, job_id)
     assert status["status"] == "FAILED"
     assert "was not written" in status["message"] and "unreadable" in status["message"], status["message"]
+    assert str(tmp_path) not in status["message"] and "Traceback" not in status["message"]  # no paths, no logs
+    assert "last available logs" not in status["message"]
+    assert not (tmp_path / "store" / "fit-uploads" / job_id).exists()
     assert manager.counts()["FAILED"] == 1
     with UserStore.open(tmp_path / "store") as store:  # (the embedded checkpoint: the store is readable)
         assert "mallory" not in store and len(store) == 0
@@ -272,8 +283,22 @@ def test_stopped_job_writes_no_user(cluster, tmp_path):
     assert manager.stop(job_id)
     status = wait(manager, job_id)
     assert status["status"] == "STOPPED" and "was not written" in status["message"]
+    assert not (tmp_path / "store" / "fit-uploads" / job_id).exists()
     with UserStore.open(tmp_path / "store") as store:
         assert "quitter" not in store
+
+
+def test_timed_out_job_fails_cleanly(cluster, tmp_path):
+    settings = FitSettings(steps=100_000, patience=100_000, job_timeout_s=2.0)
+    manager = FitJobManager(settings, store_path=str(tmp_path / "store"), model=None, checkpoint=None)
+    job_id = manager.submit("slowpoke", png_upload(2), ["a cat", "a tree"])
+    status = wait(manager, job_id)
+    assert status["status"] == "FAILED", status
+    assert "timed out" in status["message"] and "was not written" in status["message"], status["message"]
+    assert not (tmp_path / "store" / "fit-uploads" / job_id).exists()
+    with UserStore.open(tmp_path / "store") as store:
+        assert "slowpoke" not in store and len(store) == 0
+    assert manager.submit("slowpoke", png_upload(1), ["a cat"])  # the user may fit again
 
 
 def test_unknown_jobs(manager, tmp_path):
@@ -393,3 +418,109 @@ def test_fit_route_bad_input_is_4xx_with_a_reason(server):
         assert r.status_code == 404 and r.json()["error"], r.text
         assert "unknown fit job" in r.json()["error"] or "%2F" in job_id, r.text
     assert requests.get(url + "/v1/users/newbie", timeout=30).status_code == 404  # nothing was submitted
+
+
+def _flat_png(width: int, height: int) -> bytes:
+    """A flat black RGB PNG compressed row by row: 8192x8192 is ~200 KB that would decode to 256 MiB."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row = zlib.compressobj(9), b"\x00" * (1 + 3 * width)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _still_serving(server) -> None:
+    import requests
+
+    r = requests.post(
+        server.http_url + "/v1/generate", json={"prompt": "a cat", "seed": 1, "format": "json"}, timeout=60
+    )
+    assert r.status_code == 200, r.text
+
+
+def _fit(server, user: str, files: list[tuple[str, bytes]], timeout: float = 60):
+    import requests
+
+    return requests.post(
+        f"{server.http_url}/v1/users/{user}/fit",
+        files=_multipart(files),
+        data={"captions": ["a cat"] * len(files)},
+        headers=server.headers(),
+        timeout=timeout,
+    )
+
+
+def _other_format(fmt: str) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 40, 40)).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n0 0 moveto showpage\n%%EOF\n"
+
+
+def test_fit_route_refuses_other_formats_and_bombs_before_decoding(server):
+    ok = png_upload(1)[0]
+    cases = [  # (files, status, field, words)
+        ([ok, ("b.png", EPS)], 415, "images[1]", "EPS"),
+        ([("a.gif", _other_format("GIF"))], 415, "images[0]", "must end in one of"),
+        ([("a.png", _other_format("GIF"))], 415, "images[0]", "GIF"),
+        ([("a.png", _other_format("BMP"))], 415, "images[0]", "BMP"),
+        ([("flat.png", _flat_png(8192, 8192))], 413, "images[0]", "8192x8192"),
+    ]
+    for files, status, field, words in cases:
+        started = time.monotonic()
+        r = _fit(server, "newbie", files)
+        assert r.status_code == status and r.json()["field"] == field and words in r.json()["error"], r.text
+        assert time.monotonic() - started < 10, "refused from the headers: nothing to decode"
+        _still_serving(server)
+    uploads = Path(server.config.store) / "fit-uploads"
+    assert not uploads.exists() or not any(p.name.startswith("fit-") for p in uploads.iterdir())
+
+
+def _wait_http(server, job_id: str, timeout: float = 120.0) -> dict:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while (status := requests.get(f"{server.http_url}/v1/jobs/{job_id}", timeout=30).json())["status"] not in TERMINAL:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    return status
+
+
+def test_fit_job_caps_conflicts_and_cancel(server):
+    """The server's caps (1 running, 1 queued): a third job is 429 with Retry-After, a second job for a user 409;
+    DELETE stops a job (STOPPED, no user, no folder); the server keeps serving and fitting afterwards."""
+    import requests
+
+    url, uploads = server.http_url, Path(server.config.store) / "fit-uploads"
+    first = _fit(server, "cap-a", png_upload(2))
+    second = _fit(server, "cap-b", png_upload(2))
+    assert first.status_code == 202 and second.status_code == 202, (first.text, second.text)
+    a, b = first.json()["job_id"], second.json()["job_id"]
+    busy = _fit(server, "cap-c", png_upload(1))
+    assert busy.status_code == 429 and int(busy.headers["Retry-After"]) > 0, busy.text
+    assert "busy" in busy.json()["error"] and "field" not in busy.json()
+    again = _fit(server, "cap-a", png_upload(1))
+    assert again.status_code == 409 and again.json()["field"] == "user_id" and a in again.json()["error"], again.text
+    # Cancel the queued job.
+    r = requests.delete(f"{url}/v1/jobs/{b}", headers=server.headers(), timeout=60)
+    assert r.status_code in (200, 202) and r.json()["job_id"] == b, r.text
+    status = _wait_http(server, b)
+    assert status["status"] == "STOPPED" and "was not written" in status["message"], status
+    assert not (uploads / b).exists()
+    assert requests.get(f"{url}/v1/users/cap-b", timeout=30).status_code == 404
+    r = requests.delete(f"{url}/v1/jobs/fit-0123456789abcdef", headers=server.headers(), timeout=30)
+    assert r.status_code == 404 and r.json()["field"] == "job_id", r.text
+    assert _wait_http(server, a)["status"] == "SUCCEEDED"
+    assert requests.delete(f"{url}/v1/jobs/{a}", timeout=30).json()["status"] == "SUCCEEDED"  # ended: as it was
+    _still_serving(server)
+    third = _fit(server, "cap-c", png_upload(1))  # room again
+    assert third.status_code == 202, third.text
+    assert _wait_http(server, third.json()["job_id"])["status"] == "SUCCEEDED"
+    assert not any(p.name.startswith("fit-") for p in uploads.iterdir())

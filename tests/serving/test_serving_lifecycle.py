@@ -64,6 +64,28 @@ def test_replica_killed_mid_load_is_replaced_and_later_requests_succeed(server):
     assert [r.status_code for r in later] == [200, 200, 200], [r.text for r in later]
 
 
+def test_readiness_follows_the_generators(server):
+    """/readyz and KServe readiness say "not ready" once the last generator replica is gone, and ready again after."""
+    url = server.http_url
+    assert requests.get(url + "/readyz", timeout=30).status_code == 200
+    old = generator_pid()
+    os.kill(old, signal.SIGKILL)
+    seen: list[tuple[int, int]] = []
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        pair = (
+            requests.get(url + "/readyz", timeout=30).status_code,
+            requests.get(url + "/v2/health/ready", timeout=30).status_code,
+        )
+        seen.append(pair)
+        if (503, 503) in seen and pair == (200, 200):
+            break
+        time.sleep(0.2)
+    assert (503, 503) in seen, "never reported not ready after the only generator was killed"
+    assert seen[-1] == (200, 200), "not ready again after the generator was replaced"
+    assert generate(server, user_id="alice", seed=5).status_code == 200
+
+
 def test_graceful_shutdown_finishes_in_flight_requests(server):
     """Must run last in this module: it stops the server."""
     n = 6
