@@ -124,24 +124,31 @@ class Ingress(KServeGRPC):
             result: Outcome = busy("no generator replica is ready yet; retry later")
             self.metrics.refused(protocol, result.status)
             return result
-        received_at = time.time()
-        if params.user_id:  # a store lookup may touch the disk: off the event loop
-            prepared = await asyncio.to_thread(self.prepare_request, params, info, received_at)
-        else:
-            prepared = self.prepare_request(params, info, received_at)
-        if isinstance(prepared, RequestError):
-            self.metrics.refused(protocol, prepared.status)
-            return prepared
-        timeout_s = self.config.request_timeout_s
-        if client_timeout_s is not None:
-            timeout_s = max(0.0, min(timeout_s, client_timeout_s))
-        prepared = dataclasses.replace(prepared, deadline=received_at + timeout_s)
+        # Refuse first, before any work: under overload every refusal must cost next to nothing (a slot is
+        # held while the request is validated, so validation cannot let more than the bound in).
         if self.admitted >= self.bound:
             result = busy(f"server busy: {self.admitted} requests queued or running (bound {self.bound}); retry later")
             self.metrics.refused(protocol, result.status)
             return result
         self.admitted += 1
         self.metrics.queue_depth.set(self.admitted)
+        received_at = time.time()
+        try:
+            if params.user_id:  # a store lookup may touch the disk: off the event loop
+                prepared = await asyncio.to_thread(self.prepare_request, params, info, received_at)
+            else:
+                prepared = self.prepare_request(params, info, received_at)
+        except BaseException:
+            self._release()
+            raise
+        if isinstance(prepared, RequestError):
+            self._release()
+            self.metrics.refused(protocol, prepared.status)
+            return prepared
+        timeout_s = self.config.request_timeout_s
+        if client_timeout_s is not None:
+            timeout_s = max(0.0, min(timeout_s, client_timeout_s))
+        prepared = dataclasses.replace(prepared, deadline=received_at + timeout_s)
         response = None
         try:
             response = self.generator.generate.remote(prepared)
@@ -161,13 +168,16 @@ class Ingress(KServeGRPC):
                 response.cancel()
             result = busy(f"generation took longer than {timeout_s:g}s; retry later")
         finally:
-            self.admitted -= 1
-            self.metrics.queue_depth.set(self.admitted)
+            self._release()
         if isinstance(result, RequestError):
             self.metrics.refused(protocol, result.status)
             if result.reason:
                 self.metrics.dropped.labels(result.reason).inc()
         return result
+
+    def _release(self) -> None:
+        self.admitted -= 1
+        self.metrics.queue_depth.set(self.admitted)
 
     def prepare_request(
         self, params: GenerateParams, info: ModelInfo, received_at: float
