@@ -17,7 +17,8 @@ from premier.errors import InvalidRequestError
 from serving.config import APP_NAME, GRPC_SERVICER, ServeConfig, ServerOptions, check_exposure
 
 BIND_ATTEMPTS = 3
-BIND_WAIT_S = 60.0
+BIND_WAIT_S = 120.0
+PROXY_CHECK_TIMEOUT_S = 60.0
 STORE_RESOURCE = "premier_store"  # the custom resource of the store's node (deploy/k8s: the head group declares it)
 
 
@@ -88,6 +89,10 @@ class ServerSession:
     def start(self) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth by default
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # On a busy machine a starting proxy answers Serve's 5 s readiness check late, is declared unhealthy
+        # three times in a row and killed, again and again: give it time (a local cluster inherits these).
+        for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+            os.environ.setdefault(name, str(PROXY_CHECK_TIMEOUT_S))
         import ray
         from ray import serve
 
