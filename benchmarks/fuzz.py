@@ -72,6 +72,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from serving.grpc_kserve import UNIMPLEMENTED_RPCS
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 FULL = dict(requests=2000, time_limit_s=900.0, concurrency=4, client_timeout_s=30.0)
@@ -1390,21 +1392,7 @@ def kserve_cases(n: int, seed: int, key: str, limits: dict[str, Any]) -> list[Ht
 
 
 # ---------------------------------------------------------------------- KServe v2 over gRPC
-UNIMPLEMENTED = [
-    "ModelStatistics",
-    "ModelConfig",
-    "RepositoryIndex",
-    "RepositoryModelLoad",
-    "RepositoryModelUnload",
-    "SystemSharedMemoryStatus",
-    "SystemSharedMemoryRegister",
-    "SystemSharedMemoryUnregister",
-    "CudaSharedMemoryStatus",
-    "CudaSharedMemoryRegister",
-    "CudaSharedMemoryUnregister",
-    "TraceSetting",
-    "LogSettings",
-]
+UNIMPLEMENTED = list(UNIMPLEMENTED_RPCS)  # the server's own list: they must answer UNIMPLEMENTED
 CONTENTS_FIELDS = [
     "bytes_contents",
     "int64_contents",

@@ -126,11 +126,9 @@ def test_garbage_is_refused_and_named(no_decoding):
 
 
 def test_decompression_bomb_is_refused_before_decoding(no_decoding, bomb):
-    started = time.perf_counter()
-    with pytest.raises(UploadTooLargeError) as e:  # the default limit
+    with pytest.raises(UploadTooLargeError) as e:  # the default limit (no_decoding: any decode would fail it)
         check_upload(FitSettings(), [("ok.png", image_bytes("PNG")), ("flat.png", bomb)], ["a", "b"])
     assert e.value.field == "images[1]" and "8192x8192" in str(e.value) and "before decoding" in str(e.value)
-    assert time.perf_counter() - started < 1.0
     # Above Pillow's own bomb limit (twice MAX_IMAGE_PIXELS) too: still a 413, not an unreadable image.
     huge = png(20_000, 20_000, zlib.compress(b"\x00" * 100))  # a header that claims 20000x20000
     with pytest.raises(UploadTooLargeError) as e:
