@@ -10,15 +10,13 @@ takes per-sample, per-token deltas.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers import FluxPipeline
 from PIL import Image
 
 from premier.checkpoint import PremierModel
@@ -33,6 +31,7 @@ from premier.requests import (
     check_prompt_tokens,
     count_prompt_tokens,
 )
+from premier.stepping import Clock, StepEngine
 from premier.transformer import PremierTransformer
 from premier.users import validate_user_embedding
 
@@ -92,6 +91,7 @@ class PremierPipeline:
             premier.to(device=flux_pipe.transformer.device, dtype=flux_pipe.transformer.dtype)
         self.transformer = PremierTransformer(flux_pipe.transformer, premier.config if premier else None)
         self.text_cache = TextEncodingCache(text_cache_size)
+        self.engine = StepEngine(self)
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -267,62 +267,18 @@ class PremierPipeline:
             if isinstance(requests, PreparedBatch)
             else self.prepare(requests, settings or self.default_settings())
         )
-        requests, settings, user_tokens = batch.requests, batch.settings, batch.user_tokens
-        pipe, device = self.flux_pipe, self.device
-        timings: dict[str, float] = {"batch_size": float(len(requests))}
-        clock = _Clock(device)
-
-        text_states, pooled, text_ids = self.encode_prompts([r.prompt for r in requests])
-        timings["encode_s"] = clock.lap()
-        deltas = self.compute_deltas(text_states, user_tokens)
-        timings["adapters_s"] = clock.lap()
-
-        generators = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
-        latents, image_ids = pipe.prepare_latents(
-            len(requests),
-            pipe.transformer.config.in_channels // 4,
-            settings.height,
-            settings.width,
-            torch.float32,
-            device,
-            generators,
-        )
-        latents = latents.to(self.dtype)
-        scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        sched_cfg = scheduler.config
-        mu = calculate_shift(
-            latents.shape[1],
-            sched_cfg.get("base_image_seq_len", 256),
-            sched_cfg.get("max_image_seq_len", 4096),
-            sched_cfg.get("base_shift", 0.5),
-            sched_cfg.get("max_shift", 1.15),
-        )
-        sigmas = np.linspace(1.0, 1 / settings.steps, settings.steps)
-        timesteps, _ = retrieve_timesteps(scheduler, settings.steps, device, sigmas=sigmas, mu=mu)
-        scheduler.set_begin_index(0)
-        guidance = None
-        if pipe.transformer.config.guidance_embeds:
-            guidance = torch.full((len(requests),), settings.guidance, device=device, dtype=torch.float32)
-
-        for t in timesteps:
-            noise_pred = self.transformer(
-                hidden_states=latents,
-                encoder_hidden_states=text_states,
-                pooled_projections=pooled,
-                timestep=t.expand(latents.shape[0]).to(latents.dtype) / 1000,
-                img_ids=image_ids,
-                txt_ids=text_ids,
-                guidance=guidance,
-                text_deltas=deltas,
-            )
-            latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-        timings["denoise_s"] = clock.lap()
-
-        images = self.decode(latents, settings.height, settings.width)
+        clock = Clock(self.device)
+        engine = self.engine
+        states = engine.start(batch)
+        while not states[0].done:  # one settings for all: they finish together
+            engine.step(states)
+        timings = {"batch_size": float(len(states)), **states[0].timings}
+        timings["denoise_s"] = clock.lap() - timings["encode_s"] - timings["adapters_s"]
+        images = engine.finish(states)
         timings["decode_s"] = clock.lap()
         timings["total_s"] = clock.total()
         results = []
-        for req, img in zip(requests, images):
+        for req, img in zip(batch.requests, images):
             out = Image.fromarray(img) if output_type == "pil" else img
             results.append(GenerationResult(out, req.prompt, req.user_label, req.seed, dict(timings)))
         return results
@@ -335,22 +291,3 @@ class PremierPipeline:
         image = pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
         image = pipe.image_processor.postprocess(image, output_type="pt")
         return (image.float() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-class _Clock:
-    def __init__(self, device: torch.device):
-        self.sync = device.type == "cuda"
-        self.start = self.last = self._now()
-
-    def _now(self) -> float:
-        if self.sync:
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
-    def lap(self) -> float:
-        now = self._now()
-        dt, self.last = now - self.last, now
-        return dt
-
-    def total(self) -> float:
-        return self.last - self.start

@@ -4,14 +4,15 @@ import base64
 import io
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from premier.requests import MAX_SEED
 from serving.http_api import AUTH, INGRESS, api, error_response
-from serving.protocol import GenerateParams, RequestError
+from serving.protocol import GenerateParams, ImageResult, Outcome, Progress, RequestError
 
 
 class GenerateBody(BaseModel):
@@ -31,9 +32,14 @@ class GenerateBody(BaseModel):
         pattern="^(png|json)$",
         description="'png': image/png with timings in headers; 'json': base64 PNG, seed and timings",
     )
+    stream: bool = Field(
+        False,
+        description="server-sent events: 'progress' after each denoising step (step-level batching), then 'image' "
+        "(the JSON answer) or 'error'; closing the connection cancels the request",
+    )
 
     def params(self) -> GenerateParams:
-        return GenerateParams(**self.model_dump(exclude={"format"}))
+        return GenerateParams(**self.model_dump(exclude={"format", "stream"}))
 
 
 def png_bytes(image) -> bytes:
@@ -86,23 +92,22 @@ async def v1_model(ingress: Any = INGRESS):
 )
 async def v1_generate(body: GenerateBody, ingress: Any = INGRESS):
     started = time.perf_counter()
+    if body.stream:
+        events = await ingress.stream_generation(body.params(), "http")
+        if isinstance(events, RequestError):
+            return error_response(events, ingress.headers_for(events))
+        return StreamingResponse(
+            server_sent_events(events, body, ingress, started),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     result = await ingress.run_generation(body.params(), "http")
     if isinstance(result, RequestError):
         return error_response(result, ingress.headers_for(result))
     png = png_bytes(result.image)
     t = ingress.finish(result, "http", started)
-    h, w = result.image.shape[:2]
     if body.format == "json":
-        return {
-            "image": base64.b64encode(png).decode(),
-            "seed": result.seed,
-            "user_id": body.user_id,
-            "prompt": body.prompt,
-            "width": w,
-            "height": h,
-            "batch_size": result.batch_size,
-            "timings": t,
-        }
+        return image_json(result, body, png, t)
     headers = {
         "X-Premier-Seed": str(result.seed),
         "X-Premier-Batch-Size": str(result.batch_size),
@@ -111,4 +116,36 @@ async def v1_generate(body: GenerateBody, ingress: Any = INGRESS):
     return Response(png, media_type="image/png", headers=headers)
 
 
-__all__ = ["GenerateBody", "png_bytes"]
+def image_json(result: ImageResult, body: GenerateBody, png: bytes, timings: dict[str, float]) -> dict[str, Any]:
+    h, w = result.image.shape[:2]
+    return {
+        "image": base64.b64encode(png).decode(),
+        "seed": result.seed,
+        "user_id": body.user_id,
+        "prompt": body.prompt,
+        "width": w,
+        "height": h,
+        "batch_size": result.batch_size,
+        "timings": timings,
+    }
+
+
+def sse(event: str, data: dict[str, Any]) -> bytes:
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
+
+
+async def server_sent_events(
+    events: AsyncIterator[Progress | Outcome], body: GenerateBody, ingress: Any, started: float
+) -> AsyncIterator[bytes]:
+    """progress* then image or error; the last event always comes (errors never break the stream)."""
+    async for event in events:
+        if isinstance(event, Progress):
+            yield sse("progress", event.body())
+        elif isinstance(event, RequestError):
+            yield sse("error", {"status": event.status, **event.body()})
+        else:
+            png = png_bytes(event.image)
+            yield sse("image", image_json(event, body, png, ingress.finish(event, "http", started)))
+
+
+__all__ = ["GenerateBody", "png_bytes", "server_sent_events"]

@@ -40,6 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--num-gpus", type=float, help="GPUs per generator replica")
     g.add_argument("--num-cpus", type=float, help="CPUs per generator replica")
     g.add_argument("--max-batch-size", type=int, help="requests per forward")
+    g.add_argument(
+        "--batching",
+        choices=("request", "step"),
+        help="request-level batches, or step-level: requests join and leave at every denoising step",
+    )
     g.add_argument("--batch-wait-ms", type=float, help="how long a new batch waits to fill, in ms")
     g.add_argument("--max-queued", dest="max_queued_requests", type=int, help="queue bound; above it requests get 503")
     g = p.add_argument_group("network")
@@ -82,6 +87,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         "num_gpus",
         "num_cpus",
         "max_batch_size",
+        "batching",
         "max_queued_requests",
         "api_key",
         "insecure",

@@ -102,6 +102,16 @@ class ServeConfig(BaseModel):
     num_cpus: float = Field(1.0, ge=0, description="CPUs per generator replica")
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads per generator (default: torch's)")
     max_batch_size: int = Field(8, ge=1, le=256, description="requests per forward")
+    batching: Literal["request", "step"] = Field(
+        "request",
+        description="'request': a batch runs all its steps together (requests of one size, steps and guidance); "
+        "'step': requests join and leave the running batch at every denoising step (any steps, guidance, users)",
+    )
+    step_profile: str | None = Field(
+        None,
+        description="step-level batching: a JSON step-time profile (premier.step_profile) giving the batch caps; "
+        "default: the packaged one for the embedded model, else measured when the generator starts",
+    )
     batch_wait_timeout_s: float = Field(
         0.002,
         ge=0,

@@ -21,8 +21,9 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from ray import serve
@@ -30,7 +31,12 @@ from ray import serve
 from premier.logs import quiet_libraries
 from premier.requests import GenerationRequest, GenerationSettings, PreparedBatch
 from serving.config import ServeConfig
-from serving.protocol import REQUEST_ERRORS, ImageRequest, ImageResult, ModelInfo, Outcome, RequestError, error_for
+from serving.failures import expired, failure_of, release_memory
+from serving.protocol import ImageRequest, ImageResult, ModelInfo, Outcome, Progress, RequestError
+
+if TYPE_CHECKING:
+    from premier.pipeline import PremierPipeline
+    from serving.step_runner import StepRunner
 
 log = logging.getLogger("ray.serve")
 MAX_FORMING_BATCHES = 1024  # batches Ray Serve may hand over at once; each holds >= 1 request, so never reached
@@ -43,43 +49,11 @@ class _MergedBatchesWarning(logging.Filter):
         return "max_concurrent_batches" not in record.getMessage()
 
 
-def failure_of(e: BaseException, request: ImageRequest) -> RequestError:
-    """The answer for a request whose preparation or forward raised `e` on its own (not in a batch).
-
-    The project's request errors keep their status; an error that text or numbers provoke in the
-    tokenizer or the model (TypeError, ValueError, UnicodeError) is the request's own input: 400;
-    out of memory for this request's shape: 503 (retry, smaller); anything else is a server fault: 500,
-    logged with its traceback and the request id, which the answer carries (never the traceback).
-    """
-    if isinstance(e, REQUEST_ERRORS):
-        return error_for(e)
-    if isinstance(e, torch.OutOfMemoryError):
-        log.warning("request %s: out of memory at %s", request.request_id, request.settings)
-        return RequestError(
-            503, f"out of memory for this request's size (request {request.request_id}); retry smaller or later"
-        )
-    if isinstance(e, (TypeError, ValueError, UnicodeError)):
-        log.info("request %s could not be processed: %r", request.request_id, e)
-        return RequestError(400, f"the request could not be processed ({type(e).__name__}); check the prompt", "prompt")
-    log.error("request %s failed", request.request_id, exc_info=e)
-    return RequestError(500, f"internal error (request {request.request_id}); it has been logged")
-
-
-def expired(request: ImageRequest) -> RequestError:
-    message = f"request {request.request_id} was dropped: its deadline passed before it reached the model"
-    return RequestError(503, message, reason="expired")
-
-
-def release_memory(e: BaseException) -> None:
-    """After an out-of-memory error, give the allocator's cache back before the retry."""
-    if isinstance(e, torch.OutOfMemoryError) and torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 class Generator:
     """Holds the pipeline; `generate` is what the ingress calls, once per image."""
 
-    def __init__(self, args: dict[str, Any]):
+    def __init__(self, args: dict[str, Any], pipe: PremierPipeline | None = None):
+        """`pipe`: a pipeline built by the caller (benchmarks and tests in one process); default: from `args`."""
         from premier.pipeline import PremierPipeline
 
         self.config = c = ServeConfig.model_validate(args)
@@ -87,7 +61,7 @@ class Generator:
             torch.set_num_threads(c.torch_threads)
         quiet_libraries()
         logging.getLogger("ray.serve").addFilter(_MergedBatchesWarning())
-        self.pipe = PremierPipeline.load(
+        self.pipe = pipe or PremierPipeline.load(
             model=c.model,
             checkpoint=c.checkpoint,
             device=c.device,
@@ -103,7 +77,33 @@ class Generator:
         self._cancelled: set[str] = set()  # request ids whose callers gave up while they waited
         self._pipeline_lock = asyncio.Lock()
         self.pipe(self._warmup_requests(), self.pipe.default_settings(), output_type="np")  # first call pays lazy init
-        log.info("generator ready: pid %d, max_batch_size %d", os.getpid(), c.max_batch_size)
+        self.stepper = self._step_runner() if c.batching == "step" else None
+        log.info(
+            "generator ready: pid %d, %s-level batching, max_batch_size %d", os.getpid(), c.batching, c.max_batch_size
+        )
+
+    def _step_runner(self) -> StepRunner:
+        """Step-level batching: the engine pads running batches to a few sizes (compiled graphs are reused) and
+        the per-bucket caps come from a step-time profile: the configured file, the packaged one of the embedded
+        model (measured on a 2-core CPU), else measured now."""
+        from premier.step_profile import EMBEDDED_PROFILE, StepProfile, image_tokens, measure_step_profile
+        from premier.stepping import StepEngine
+        from serving.step_runner import StepRunner
+
+        c = self.config
+        pads = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < c.max_batch_size) + (c.max_batch_size,)
+        engine = StepEngine(self.pipe, pad_sizes=pads, always_deltas=True)
+        packaged = EMBEDDED_PROFILE if c.model is None and c.checkpoint is None else None
+        if c.step_profile or packaged:
+            profile = StepProfile.load(c.step_profile or packaged)
+            profile = StepProfile(profile.tokens, profile.seconds, c.max_batch_size)
+        else:
+            profile = measure_step_profile(engine, sizes=pads, max_batch_size=c.max_batch_size)
+        log.info(
+            "step profile: %s s per step by batch size; saturation at %d", profile.seconds, profile.saturation_batch
+        )
+        self.step_profile = profile
+        return StepRunner(engine, self._prepare, self._executor, profile, lambda h, w: image_tokens(self.pipe, h, w))
 
     def _warmup_requests(self) -> list[GenerationRequest]:
         return [GenerationRequest("warm up", None, 0)]
@@ -123,13 +123,55 @@ class Generator:
     def pid(self) -> int:
         return os.getpid()
 
+    def stats(self) -> dict[str, Any]:
+        """What this replica holds now: for operators and tests (requests waiting and running, steps run, drops)."""
+        if self.stepper is None:
+            return {"batching": "request", "waiting": len(self._waiting), "batches": self._batches}
+        sched = self.stepper.scheduler
+        return {
+            "batching": "step",
+            "waiting": sum(map(len, sched.waiting.values())),
+            "running": sum(map(len, sched.running.values())),
+            "steps_run": self.stepper.steps_run,
+            "dropped": dict(self.stepper.dropped),
+            "saturation_batch": self.step_profile.saturation_batch,
+        }
+
     # ------------------------------------------------------------------ generation
     async def generate(self, request: ImageRequest) -> Outcome:
+        if self.stepper is not None:
+            return await self.stepper.submit(request)  # a cancelled caller frees its slot at the next step
         try:
             return await self._batch(request)
         except asyncio.CancelledError:  # the caller gave up (client gone): drop it before it reaches the model
             self._cancelled.add(request.request_id)
             raise
+
+    async def generate_stream(self, request: ImageRequest) -> AsyncIterator[Progress | Outcome]:
+        """Progress after each step (step-level batching; request-level has none), then the answer.
+
+        Called through a streaming handle; a caller that goes away closes this generator, which cancels
+        the request (its slot frees at the next step).
+        """
+        events: asyncio.Queue[Progress] = asyncio.Queue()
+        if self.stepper is not None:
+            work = asyncio.ensure_future(self.stepper.submit(request, lambda k, n: events.put_nowait(Progress(k, n))))
+        else:
+            work = asyncio.ensure_future(self.generate(request))
+        try:
+            while not work.done():
+                next_event = asyncio.ensure_future(events.get())
+                await asyncio.wait({next_event, work}, return_when=asyncio.FIRST_COMPLETED)
+                if next_event.done():
+                    yield next_event.result()
+                else:
+                    next_event.cancel()
+            while not events.empty():
+                yield events.get_nowait()
+            yield work.result()
+        finally:
+            if not work.done():
+                work.cancel()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.002, max_concurrent_batches=MAX_FORMING_BATCHES)
     async def _batch(self, items: list[ImageRequest]) -> list[Outcome]:

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import random
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
@@ -42,6 +43,7 @@ from serving.protocol import (
     ImageResult,
     ModelInfo,
     Outcome,
+    Progress,
     RequestError,
     busy,
     error_for,
@@ -53,6 +55,7 @@ log = logging.getLogger("ray.serve")
 
 READY_CACHE_S = 1.0  # how long a readiness answer is reused (probes and scrapes may come often)
 READY_PROBE_S = 5.0
+STREAM_START_S = 10.0  # a streamed response not started by then (its client left first) frees its slot
 
 
 async def _awaited(response: Any) -> Any:
@@ -118,18 +121,111 @@ class Ingress(KServeGRPC):
 
         The request's deadline is the server's `request_timeout_s` or the client's own (gRPC), if sooner.
         """
+        admitted = await self.admit(params, protocol, client_timeout_s)
+        if isinstance(admitted, RequestError):
+            return admitted
+        request, timeout_s = admitted
+        response = None
+        try:
+            response = self.generator.generate.remote(request)
+            result = await asyncio.wait_for(_awaited(response), timeout_s)
+        except asyncio.CancelledError:  # the client went away: so does its request
+            if response is not None:
+                response.cancel()
+            self.metrics.dropped.labels("disconnected").inc()
+            raise
+        except asyncio.TimeoutError:
+            if response is not None:
+                response.cancel()
+            result = busy(f"generation took longer than {timeout_s:g}s; retry later")
+        except Exception as e:
+            result = self._lost(e)
+        finally:
+            self._release()
+        return self._counted(result, protocol)
+
+    async def stream_generation(
+        self, params: GenerateParams, protocol: str
+    ) -> RequestError | AsyncIterator[Progress | Outcome]:
+        """Like `run_generation`, but the generator's progress events come first, the answer last.
+
+        A refusal or invalid input is returned at once (the route answers it with its status); otherwise
+        the events' iterator, whose closing (the client went away) cancels the request.
+        """
+        admitted = await self.admit(params, protocol, None)
+        if isinstance(admitted, RequestError):
+            return admitted
+        request, timeout_s = admitted
+        slot = {"held": True, "started": False}
+
+        def abandon() -> None:  # a response whose streaming never started (client gone first) gives its slot back
+            if not slot["started"] and slot["held"]:
+                slot["held"] = False
+                self._release()
+
+        asyncio.get_running_loop().call_later(STREAM_START_S, abandon)
+
+        async def events() -> AsyncIterator[Progress | Outcome]:
+            slot["started"] = True
+            if not slot["held"]:
+                yield self._counted(busy("the stream started too late; retry"), protocol)
+                return
+            stream = None
+            finished = False
+            try:
+                stream = self.generator.options(stream=True).generate_stream.remote(request)
+                deadline = time.monotonic() + timeout_s
+                while True:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    try:
+                        event = await asyncio.wait_for(stream.__anext__(), remaining)
+                    except StopAsyncIteration:
+                        break
+                    if isinstance(event, Progress):
+                        yield event
+                    else:
+                        finished = True
+                        yield self._counted(event, protocol)
+                        return
+                finished = True
+                yield self._counted(RequestError(500, "the generator ended the stream without an answer"), protocol)
+            except asyncio.TimeoutError:
+                finished = True
+                if stream is not None:
+                    stream.cancel()
+                yield self._counted(busy(f"generation took longer than {timeout_s:g}s; retry later"), protocol)
+            except (asyncio.CancelledError, GeneratorExit):
+                raise
+            except Exception as e:
+                finished = True
+                yield self._counted(self._lost(e), protocol)
+            finally:
+                if not finished:  # the client went away mid-stream: so does its request
+                    if stream is not None:
+                        stream.cancel()
+                    self.metrics.dropped.labels("disconnected").inc()
+                slot["held"] = False
+                self._release()
+
+        return events()
+
+    async def admit(
+        self, params: GenerateParams, protocol: str, client_timeout_s: float | None
+    ) -> tuple[ImageRequest, float] | RequestError:
+        """The valid request and its timeout, holding an admission slot (`_release` frees it), or the refusal."""
         try:
             info = await self.model_info(timeout_s=10.0)
         except Exception:  # not ready, whatever the reason
-            result: Outcome = busy("no generator replica is ready yet; retry later")
-            self.metrics.refused(protocol, result.status)
-            return result
+            return self._counted(busy("no generator replica is ready yet; retry later"), protocol)
         # Refuse first, before any work: under overload every refusal must cost next to nothing (a slot is
         # held while the request is validated, so validation cannot let more than the bound in).
         if self.admitted >= self.bound:
-            result = busy(f"server busy: {self.admitted} requests queued or running (bound {self.bound}); retry later")
-            self.metrics.refused(protocol, result.status)
-            return result
+            return self._counted(
+                busy(f"server busy: {self.admitted} requests queued or running (bound {self.bound}); retry later"),
+                protocol,
+            )
         self.admitted += 1
         self.metrics.queue_depth.set(self.admitted)
         received_at = time.time()
@@ -143,32 +239,23 @@ class Ingress(KServeGRPC):
             raise
         if isinstance(prepared, RequestError):
             self._release()
-            self.metrics.refused(protocol, prepared.status)
-            return prepared
+            return self._counted(prepared, protocol)
         timeout_s = self.config.request_timeout_s
         if client_timeout_s is not None:
             timeout_s = max(0.0, min(timeout_s, client_timeout_s))
-        prepared = dataclasses.replace(prepared, deadline=received_at + timeout_s)
-        response = None
-        try:
-            response = self.generator.generate.remote(prepared)
-            result = await asyncio.wait_for(_awaited(response), timeout_s)
-        except asyncio.CancelledError:  # the client went away: so does its request
-            if response is not None:
-                response.cancel()
-            self.metrics.dropped.labels("disconnected").inc()
-            raise
-        except BackPressureError:
-            result = busy("server busy: the generators' queues are full; retry later")
-        except RayActorError as e:
+        return dataclasses.replace(prepared, deadline=received_at + timeout_s), timeout_s
+
+    def _lost(self, e: Exception) -> RequestError:
+        """What a failure to reach a generator becomes (never the client's fault)."""
+        if isinstance(e, BackPressureError):
+            return busy("server busy: the generators' queues are full; retry later")
+        if isinstance(e, RayActorError):
             log.warning("generator replica lost: %s", type(e).__name__)
-            result = busy("a generator replica was lost; retry (it is being replaced)")
-        except asyncio.TimeoutError:
-            if response is not None:
-                response.cancel()
-            result = busy(f"generation took longer than {timeout_s:g}s; retry later")
-        finally:
-            self._release()
+            return busy("a generator replica was lost; retry (it is being replaced)")
+        log.error("generation failed outside the generator", exc_info=e)
+        return RequestError(500, "internal error; it has been logged")
+
+    def _counted(self, result: Outcome, protocol: str) -> Outcome:
         if isinstance(result, RequestError):
             self.metrics.refused(protocol, result.status)
             if result.reason:

@@ -69,6 +69,30 @@ class ServeMetrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.step_occupancy = Histogram(
+            "premier_step_occupancy",
+            "Step-level batching: requests in the running batch at each denoising step.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.step_joins = Histogram(
+            "premier_step_joins",
+            "Step-level batching: requests joining at each step.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.step_leaves = Histogram(
+            "premier_step_leaves",
+            "Step-level batching: requests leaving (finished or failed) at each step.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.first_step = Histogram(
+            "premier_time_to_first_step_seconds",
+            "Step-level batching: time from arrival until the request's first denoising step is done.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "premier_queue_depth", "Generation requests admitted and not yet answered.", registry=r
         )
@@ -110,6 +134,12 @@ class ServeMetrics:
         self.queue_wait.observe(result.timings.get("queue_wait_s", 0.0))
         if result.batch_position == 0:
             self.batch_size.observe(result.batch_size)
+        for occupancy, joins, leaves in result.step_log:
+            self.step_occupancy.observe(occupancy)
+            self.step_joins.observe(joins)
+            self.step_leaves.observe(leaves)
+        if "first_step_s" in result.timings:
+            self.first_step.observe(result.timings["first_step_s"])
         self.images.inc()
         outcome = result.user_cache
         if outcome != "none":

@@ -189,8 +189,22 @@ class ImageResult:
     batch_position: int
     timings: dict[str, float]
     user_cache: str = "none"
+    step_log: tuple[tuple[int, int, int], ...] = ()
+    """Step-level batching: (occupancy, joins, leaves) of each step run since the replica's previous answer, so
+    the ingress's metrics count every step once."""
 
     ok = True
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A streamed request's progress: `step` of `steps` denoising steps done."""
+
+    step: int
+    steps: int
+
+    def body(self) -> dict[str, int]:
+        return {"step": self.step, "steps": self.steps}
 
 
 Outcome = ImageResult | RequestError
@@ -206,4 +220,5 @@ __all__ = [
     "ImageRequest",
     "ImageResult",
     "Outcome",
+    "Progress",
 ]

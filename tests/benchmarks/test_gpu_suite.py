@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jsonschema
@@ -60,17 +59,16 @@ def _pins() -> dict[str, tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- gpu-run.sh --smoke
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_gpu_run_smoke_on_the_cpu(tmp_path):
     """The same code path as on a GPU: kernels in Triton's interpreter, the tiny model, every kind of row."""
     out, wheels = tmp_path / "out", tmp_path / "no-wheels"
     wheels.mkdir()
     env = {"PIP_NO_INDEX": "1", "PYTHON": sys.executable, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    t0 = time.perf_counter()
-    proc = _sh("nice", RUN, out, "--smoke", "--wheels", wheels, env=env, timeout=400, drop=("TRITON_INTERPRET",))
-    wall = time.perf_counter() - t0
+    # ~60 s on an idle 2-core machine; the limit only catches a hang (a busy machine may be many times slower)
+    proc = _sh("nice", RUN, out, "--smoke", "--wheels", wheels, env=env, timeout=1100, drop=("TRITON_INTERPRET",))
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
-    assert wall < 300, wall  # ~60 s on an idle 2-core machine; CI shares its cores
     assert "gpu-run: missing wheel diffusers==0.42.1" in log and "kernels in Triton's interpreter" in log
     data = json.loads((out / "gpu_suite_smoke.json").read_text())
     jsonschema.validate(data, SCHEMA)
