@@ -163,9 +163,10 @@ async def run_model(model: str, cfg: dict) -> dict[str, Any]:
 
     pipe, sizes = build_pipe(model)
     users = pipe.user_ids[:8]
-    base = {"max_batch_size": cfg["max_batch_size"], "torch_threads": torch.get_num_threads()}
+    base = {"max_batch_size": cfg["max_batch_size"], "torch_threads": cfg["threads"]}
     request_level = Generator(build_config({**base, "batching": "request"}, environ={}).to_args(), pipe=pipe)
-    step_level = Generator(build_config({**base, "batching": "step"}, environ={}).to_args(), pipe=pipe)
+    step_args = {**base, "batching": "step", "step_profile_sizes": list(sizes)}  # measured here, at both sizes
+    step_level = Generator(build_config(step_args, environ={}).to_args(), pipe=pipe)
     modes = {"request": request_level, "step": step_level}
     burst = trace(cfg["saturation_requests"], 0.0, sizes, users, seed=1)
     saturation = (await replay(request_level, pipe, burst))["images_per_s"]
@@ -189,8 +190,8 @@ async def run_model(model: str, cfg: dict) -> dict[str, Any]:
         "model": model,
         "sizes": list(sizes),
         "transformer_params_m": sum(p.numel() for p in pipe.flux_pipe.transformer.parameters()) / 1e6,
-        "step_profile_s": step_level.step_profile.seconds,
-        "saturation_batch": step_level.step_profile.saturation_batch,
+        "step_profile_s": {str(t): sec for t, sec in step_level.step_profile.tables.items()},
+        "step_caps": {str(t): step_level.step_profile.cap_for(t) for t in step_level.step_profile.tables},
         "request_level_saturation_rps": saturation,
         "levels": levels,
     }
@@ -227,6 +228,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--models", help="comma-separated: embedded, mid, flux-dev")
     p.add_argument("--flux-dev", action="store_true", help="add FLUX.1-dev sizes, random weights (GPU)")
     p.add_argument("--requests", type=int)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1 if not torch.cuda.is_available() else None,
+        help="torch threads of the generators (CPU default 1: the client and the scheduler's event loop share the "
+        "machine, and two threads on a busy 2-core machine stall on each other)",
+    )
     p.add_argument("--out")
     args = p.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -236,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg["models"] = [*cfg["models"], "flux-dev"]
     if args.requests:
         cfg["requests"] = args.requests
+    cfg["threads"] = args.threads
     results = [asyncio.run(run_model(m, cfg)) for m in cfg["models"]]
     goal = {}
     for res in results:

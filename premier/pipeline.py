@@ -92,6 +92,8 @@ class PremierPipeline:
         self.transformer = PremierTransformer(flux_pipe.transformer, premier.config if premier else None)
         self.text_cache = TextEncodingCache(text_cache_size)
         self.engine = StepEngine(self)
+        self.embedded = False
+        """The embedded tiny base model (set by `load`): its packaged step profile applies."""
 
     # ----------------------------------------------------------------- loading
     @classmethod
@@ -127,6 +129,7 @@ class PremierPipeline:
         if premier is not None:
             premier.config.check_fits(flux_pipe.transformer.config)
         pipe = cls(flux_pipe, premier, profile_for(flux_pipe, embedded=model is None), checkpoint_id, text_cache_size)
+        pipe.embedded = model is None
         return pipe.optimize(compile=compile, quantize=quantize)
 
     def optimize(

@@ -112,6 +112,11 @@ class ServeConfig(BaseModel):
         description="step-level batching: a JSON step-time profile (premier.step_profile) giving the batch caps; "
         "default: the packaged one for the embedded model, else measured when the generator starts",
     )
+    step_profile_sizes: list[int] = Field(
+        [],
+        description="step-level batching without a profile file: square sizes (pixels) measured at start-up "
+        "besides the model's default; other sizes scale from the nearest measured one",
+    )
     batch_wait_timeout_s: float = Field(
         0.002,
         ge=0,

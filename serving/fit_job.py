@@ -43,6 +43,7 @@ from premier.errors import EXIT_STOPPED, PremierError, exit_code
 from premier.files import atomic_write_bytes
 from premier.training.dataset import read_user_folder
 from serving.fit_settings import (
+    CLAIM_FILE,
     IMAGES_DIR,
     KEPT_DIR,
     RECORD_FILE,
@@ -319,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             spec = json.loads((job_dir / SPEC_FILE).read_text())
             result.setdefault("user_id", spec.get("user_id"))
+            admitted = json.loads((job_dir / CLAIM_FILE).read_text()).get("created_at")
+            result.update(runner="jobs", **({"seconds": time.time() - admitted} if admitted else {}))
         except (OSError, ValueError):
             pass
         try:

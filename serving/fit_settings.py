@@ -31,6 +31,8 @@ SPEC_FILE = "job.json"  # what the job does (written by submit)
 RESULT_FILE = "result.json"  # how a job ended, inside its folder (the layout before RESULTS_DIR; read when reaped)
 IMAGES_DIR = "images"  # the user folder: images + captions.jsonl
 RECORD_FILE = "record.safetensors"
+PROGRESS_FILE = "progress.json"  # a resident fit's progress (step, loss, expected seconds left), rewritten as it goes
+OWNER_FILE = "owner.json"  # the process dispatching a resident fit (pid, host): a dead owner's job is reaped
 CLAIM_FILE = "claim.json"  # who a job folder is for (written when the job is admitted, before the upload)
 RUNNING_FILE = "running.json"  # written by the job once it holds a fitting slot
 RESULTS_DIR = "results"  # beside the job folders: <job id>.json, how each job ended
@@ -155,6 +157,25 @@ class FitSettings(BaseModel):
     lr: float | None = Field(None, gt=0)
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    # resident fit workers (serving/fit_workers.py, docs/onboarding.md): long-lived Ray actors that hold the frozen
+    # model and fit several users in the same forward passes, instead of a Ray job (a new process) per fit
+    runner: Literal["jobs", "workers"] = Field(
+        "jobs", description="jobs: a Ray job per fit (a new process); workers: resident fit workers"
+    )
+    workers: int = Field(1, ge=1, description="resident fit workers (Ray actors, each with the model loaded)")
+    worker_max_users: int = Field(8, ge=1, description="fits one worker runs in the same forward passes")
+    worker_threads: int | None = Field(None, ge=1, description="torch threads of a worker (default: torch's)")
+    worker_retries: int = Field(
+        1, ge=0, description="times a fit is started again on a fresh worker when its worker dies mid-fit"
+    )
+    fast: bool = Field(
+        True,
+        description="workers fit with the onboarding preset (Stage2Config.fast: warm start, convergence stop); "
+        "false: with the stage-2 options below, as a job would",
+    )
+    jobs_min_images: int | None = Field(
+        None, ge=1, description="with runner workers, uploads of at least this many images still go to a Ray job"
+    )
     # resources of the fitting task (a Ray task on any node; the job's driver itself takes none) and the job's
     # environment (no runtime_env downloads)
     num_cpus: float = Field(0, ge=0)
@@ -185,6 +206,23 @@ class FitSettings(BaseModel):
             "dtype",
         )
         return {n: getattr(self, n) for n in names}
+
+    def worker_stage2(self) -> dict[str, Any]:
+        """Stage2Config keyword arguments of a resident worker's fits (the onboarding preset, or the options)."""
+        from premier.training.config import OptimConfig, Stage2Config
+
+        base = {"mode": self.mode, "seed": self.seed, "precision": self.precision}
+        if self.fast:
+            return {**Stage2Config.fast().to_dict(), **base, "optim": Stage2Config.fast().optim}
+        optim = {k: v for k, v in (("optimizer", self.optimizer), ("lr", self.lr)) if v is not None}
+        return {
+            **base,
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "eval_every": self.eval_every,
+            "patience": self.patience,
+            "optim": OptimConfig(**{"weight_decay": 0.0, **optim}),
+        }
 
     def image_limits(self) -> dict[str, Any]:
         """The image limits, as the fit job passes them to its fitting task (which checks them again)."""
@@ -233,6 +271,8 @@ __all__ = [
     "RESULT_FILE",
     "IMAGES_DIR",
     "RECORD_FILE",
+    "PROGRESS_FILE",
+    "OWNER_FILE",
     "CLAIM_FILE",
     "RUNNING_FILE",
     "RESULTS_DIR",

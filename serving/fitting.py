@@ -29,6 +29,12 @@ the fitting task gets the images as bytes, so no other node needs it.
 
 Messages carry reasons, never server paths, tracebacks or log tails (`public_reason`); the details
 go to the server log and the job's log.
+
+With `runner: workers` (docs/onboarding.md) the same admission, folder and results hold, but an
+admitted job is handed to the resident fit workers (serving/fit_dispatch.py, serving/fit_workers.py)
+instead of the Jobs API, and its state comes from its folder and result; uploads of at least
+`jobs_min_images` images still go to a Ray job. Both paths stay in one module, the manager, so that
+admission, status and cancellation read one way for either (the one module reason for its length).
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from premier.users import validate_user_id
+from serving.fit_dispatch import ResidentDispatcher, read_progress
 from serving.fit_folders import UploadsFolder
 from serving.fit_settings import (
     JOB_ID,
@@ -102,6 +109,11 @@ class FitJobManager:
         self._decoder: ThreadPoolExecutor | None = None
         self._reconciled_at = float("-inf")
         self._logged: OrderedDict[str, None] = OrderedDict()
+        self.resident = (
+            ResidentDispatcher(settings, self.folder, self.store_path, self.model, self.checkpoint)
+            if settings.runner == "workers"
+            else None
+        )
         self.sweep()
 
     # ------------------------------------------------------------------ submit
@@ -113,8 +125,10 @@ class FitJobManager:
         """
         validate_user_id(user_id)
         check_upload(self.settings, files, captions)
-        self._jobs()  # before writing anything: no upload is stored while fitting is unavailable
         s = self.settings
+        resident = self.resident is not None and (s.jobs_min_images is None or len(files) < s.jobs_min_images)
+        if not resident:
+            self._jobs()  # before writing anything: no upload is stored while fitting is unavailable
         job_id = f"fit-{uuid.uuid4().hex[:16]}"
         job_dir = self.folder.admit(job_id, user_id, self._info_or_none, s.max_running_jobs, s.max_queued_jobs)
         try:
@@ -131,7 +145,14 @@ class FitJobManager:
                 "keep_uploads": s.keep_uploads,
                 "task": {"num_cpus": s.num_cpus, "num_gpus": s.num_gpus, "memory": s.memory_bytes},
             }
+            spec["runner"] = "worker" if resident else "jobs"
             job_dir = write_upload(s, job_dir, user_id, files, captions, spec, self._decode_pool())
+            if resident:
+                assert self.resident is not None
+                self.resident.start(job_id, user_id)
+                self._counts = None
+                log.info("fit job %s for user %r (%d images) handed to the fit workers", job_id, user_id, len(files))
+                return job_id
             submit = dict(
                 entrypoint=shlex.join([sys.executable, "-m", "serving.fit_job", str(job_dir)]),
                 submission_id=job_id,
@@ -198,7 +219,11 @@ class FitJobManager:
         return self._describe(job_id, info.metadata["user_id"], info)
 
     def _info_or_none(self, job_id: str) -> Any:
-        """The Jobs API's details of a job, None if it does not know it."""
+        """The Jobs API's details of a job (the dispatcher's, for a resident one), None if it does not know it."""
+        if self.resident is not None:
+            info = self.resident.info(job_id)
+            if info is not None or self.settings.jobs_min_images is None:
+                return info
         with self._jobs_api("could not reach the Ray Jobs API") as client:
             try:
                 return client.get_job_info(job_id)
@@ -246,6 +271,9 @@ class FitJobManager:
             out["message"] = "waiting for the cluster to start the job"
         elif status == "RUNNING":
             out["message"] = f"fitting user {user_id!r}"
+            progress = read_progress(job_dir)
+            if progress:
+                out["progress"] = progress
         elif status == "SUCCEEDED":
             out["user"] = result.get("user")
             out["message"] = f"user {user_id!r} is fitted and servable"
@@ -286,6 +314,10 @@ class FitJobManager:
         state = self._describe(job_id, user_id, info)
         if state["status"] in TERMINAL:
             return state
+        if self.resident is not None and self.resident.cancel(job_id):
+            self.resident.wait(job_id, CANCEL_WAIT_S)
+            self._counts = None
+            return self._describe(job_id, user_id, self._info(job_id))
         with self._jobs_api("could not reach the Ray Jobs API") as client:
             client.stop_job(job_id)
         deadline = time.monotonic() + CANCEL_WAIT_S
@@ -313,7 +345,8 @@ class FitJobManager:
         cached = self._counts
         if cached is not None and time.monotonic() - cached[0] < self.settings.counts_cache_s:
             return dict(cached[1])
-        self._jobs()  # a Jobs API that is away: FitUnavailableError, as for every call
+        if self.resident is None or self.settings.jobs_min_images is not None:
+            self._jobs()  # a Jobs API that is away: FitUnavailableError, as for every call
         if time.monotonic() - self._reconciled_at > RECONCILE_EVERY_S:
             self._reconcile()
         ended = self.folder.ended()
@@ -324,6 +357,15 @@ class FitJobManager:
         counts = {s: tally.get(s, 0) for s in STATUSES}
         self._counts = (time.monotonic(), counts)
         return dict(counts)
+
+    def latencies(self) -> list[tuple[str, str, float]]:
+        """(runner, status, seconds from upload to end) of the kept results that record it (serving.fit_metrics)."""
+        out = []
+        for job_id, status in self.folder.ended().items():
+            result = self.folder.result(job_id)
+            if isinstance(result.get("seconds"), (int, float)):
+                out.append((str(result.get("runner") or "jobs"), status, float(result["seconds"])))
+        return out
 
     # ------------------------------------------------------------------ the Jobs API
     def _jobs(self) -> Any:

@@ -93,14 +93,18 @@ class Generator:
         c = self.config
         pads = tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128, 256) if b < c.max_batch_size) + (c.max_batch_size,)
         engine = StepEngine(self.pipe, pad_sizes=pads, always_deltas=True)
-        packaged = EMBEDDED_PROFILE if c.model is None and c.checkpoint is None else None
+        packaged = EMBEDDED_PROFILE if self.pipe.embedded and not c.step_profile_sizes else None
         if c.step_profile or packaged:
-            profile = StepProfile.load(c.step_profile or packaged)
-            profile = StepProfile(profile.tokens, profile.seconds, c.max_batch_size)
+            profile = StepProfile.load(c.step_profile or packaged).with_max_batch_size(c.max_batch_size)
         else:
-            profile = measure_step_profile(engine, sizes=pads, max_batch_size=c.max_batch_size)
+            sizes = dict.fromkeys([self.pipe.profile.default_size, *c.step_profile_sizes])
+            profile = measure_step_profile(
+                engine, sizes=pads, max_batch_size=c.max_batch_size, resolutions=tuple(sizes)
+            )
         log.info(
-            "step profile: %s s per step by batch size; saturation at %d", profile.seconds, profile.saturation_batch
+            "step profile: %s s per step by image tokens and batch size; caps %s",
+            profile.tables,
+            {t: profile.cap_for(t) for t in profile.tables},
         )
         self.step_profile = profile
         return StepRunner(engine, self._prepare, self._executor, profile, lambda h, w: image_tokens(self.pipe, h, w))
@@ -134,7 +138,7 @@ class Generator:
             "running": sum(map(len, sched.running.values())),
             "steps_run": self.stepper.steps_run,
             "dropped": dict(self.stepper.dropped),
-            "saturation_batch": self.step_profile.saturation_batch,
+            "caps": {t: self.step_profile.cap_for(t) for t in self.step_profile.tables},
         }
 
     # ------------------------------------------------------------------ generation

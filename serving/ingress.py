@@ -82,7 +82,7 @@ class Ingress(KServeGRPC):
         auth.set_key(self.config.api_key.get_secret_value() if self.config.api_key else None, self.config.public_docs)
         self.admitted = 0
         self.bound = self.config.admission_bound
-        self.metrics = ServeMetrics(fit_counts=self._fit_counts)
+        self.metrics = ServeMetrics(fit_counts=self._fit_counts, fit_latencies=self._fit_latencies)
         self.users = UserDirectory(self.config)
         self.users.prepare()  # here, not where the app is built: only the store's node opens it
         self._fit: FitJobManager | None = None
@@ -328,6 +328,10 @@ class Ingress(KServeGRPC):
             except Exception as e:  # reported as 503 on the fit routes
                 self._fit_error = f"fitting is not available: {e}"
         return self._fit
+
+    def _fit_latencies(self) -> list[tuple[str, str, float]]:
+        manager = self.fit_manager()
+        return manager.latencies() if manager is not None else []
 
     def _fit_counts(self) -> dict[str, int] | None:
         manager = self.fit_manager()  # job state lives in the Jobs API: a new ingress still counts old jobs

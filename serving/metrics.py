@@ -12,12 +12,14 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from serving.fit_metrics import FitLatencyCollector, Latency
 
 if TYPE_CHECKING:
     from serving.protocol import ImageResult
@@ -48,7 +50,11 @@ class _FitJobCollector:
 class ServeMetrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, fit_counts: Callable[[], dict[str, int] | None] = lambda: None):
+    def __init__(
+        self,
+        fit_counts: Callable[[], dict[str, int] | None] = lambda: None,
+        fit_latencies: Callable[[], Iterable[Latency] | None] = lambda: None,
+    ):
         r = self.registry = CollectorRegistry()
         self.latency = Histogram(
             "premier_request_latency_seconds",
@@ -123,6 +129,7 @@ class ServeMetrics:
             "premier_user_cache_hit_ratio", "Share of store lookups answered from the embedding cache.", registry=r
         ).set_function(self.cache_hit_ratio)
         r.register(_FitJobCollector(fit_counts))
+        r.register(FitLatencyCollector(fit_latencies))
         self._done: deque[float] = deque()
         self._lock = threading.Lock()
         self._hits = self._misses = 0

@@ -86,7 +86,7 @@ class StepRunner:
         self.profile = profile
         self.tokens_of = tokens_of
         self.scheduler: StepScheduler[Ticket] = StepScheduler(
-            cap_for=self.cap_for, cost_of=self.cost_of, quantum=profile.seconds[min(profile.seconds)]
+            cap_for=self.cap_for, cost_of=self.cost_of, quantum=min(min(t.values()) for t in profile.tables.values())
         )
         self.steps_run = 0
         self.dropped: dict[str, int] = {"cancelled": 0, "expired": 0}

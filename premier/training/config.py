@@ -117,12 +117,41 @@ class Stage2Config:
     precision: str = "fp32"
     seed: int = 0
     optim: OptimConfig = OptimConfig(weight_decay=0.0)
+    # the fast path (premier.training.multifit; ignored by stage2.fit_user): a warm start from the `warm_start`
+    # training users whose embeddings give the images the lowest loss (0: the uniform mix), scored on
+    # `warm_examples` (training image, fixed draw) pairs, cycling through the images; a fit converged when its monitored loss has not improved
+    # by more than `min_delta` (relative) in `patience` evaluations
+    warm_start: int = 0
+    warm_examples: int = 2
+    warm_candidates: int = 4096  # training users scored at most (a strided subset beyond): cost K x examples
+    min_delta: float = 0.0
+
+    @classmethod
+    def fast(cls, **overrides: Any) -> Stage2Config:
+        """The onboarding preset (docs/onboarding.md): warm start, AdamW, frequent evaluations, short patience."""
+        values: dict[str, Any] = dict(
+            steps=300,
+            batch_size=2,
+            eval_every=10,
+            patience=2,
+            eval_samples=4,
+            warm_start=4,
+            warm_examples=1,
+            min_delta=5e-3,
+            optim=OptimConfig("adamw", lr=0.02, weight_decay=0.0),
+        )
+        values.update(overrides)
+        return cls(**values)
 
     def check(self) -> None:
         if self.mode not in ("coefficients", "direct"):
             raise InvalidRequestError("mode", f"must be 'coefficients' or 'direct', got {self.mode!r}")
         for name in ("steps", "batch_size", "eval_every", "patience", "eval_samples", "holdout_min_images"):
             _positive(name, getattr(self, name))
+        if self.warm_start < 0 or self.warm_examples < 1 or self.warm_candidates < 1 or not 0 <= self.min_delta < 1:
+            raise InvalidRequestError(
+                "warm_start", "warm_start >= 0, warm_examples >= 1, warm_candidates >= 1 and 0 <= min_delta < 1"
+            )
         if self.holdout_min_images < 2:
             raise InvalidRequestError("holdout_min_images", "must be at least 2 (one image is always kept for fitting)")
         if self.timestep_sampling not in TIMESTEP_SCHEMES:

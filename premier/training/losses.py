@@ -27,9 +27,12 @@ def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> tup
 
 def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Mean squared error; `reduction="sum"` sums the per-example means instead (stage 1 divides the
-    sum by the global batch, so a worker's share of a batch weighs as it would in one process)."""
+    sum by the global batch, so a worker's share of a batch weighs as it would in one process);
+    `reduction="none"` returns the per-example means."""
     if reduction == "sum":
         return (pred.float() - target.float()).pow(2).flatten(1).mean(1).sum()
+    if reduction == "none":  # one mean per example: batched multi-user fitting splits the batch by user
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
     return F.mse_loss(pred.float(), target.float())
 
 

@@ -115,24 +115,26 @@ def test_a_failing_forward_moves_no_state_and_mixed_resolutions_are_refused(pipe
         engine.step([s])
 
 
-def test_measured_profile_gives_caps_scaled_by_resolution(pipe):
+def test_measured_profile_gives_caps_per_resolution(pipe):
     engine = StepEngine(pipe)
-    profile = measure_step_profile(engine, sizes=(1, 2), max_batch_size=4, repeats=1)
-    assert set(profile.seconds) == {1, 2} and all(v > 0 for v in profile.seconds.values())
-    settings = pipe.default_settings()
-    assert profile.tokens == image_tokens(pipe, settings.height, settings.width)
-    assert 1 <= profile.cap_for(profile.tokens) <= 4
+    profile = measure_step_profile(engine, sizes=(1, 2), max_batch_size=4, repeats=1, resolutions=(16, 32))
+    assert set(profile.tables) == {image_tokens(pipe, 16, 16), image_tokens(pipe, 32, 32)} == {16, 64}
+    assert all(set(t) == {1, 2} and all(v > 0 for v in t.values()) for t in profile.tables.values())
+    assert all(1 <= profile.cap_for(t) <= 4 for t in (16, 64, 144))
     assert StepProfile.from_json(profile.to_json()) == profile
 
 
 def test_profile_saturation_and_caps():
     # Throughput grows until 4 (1/1, 2/1.2, 4/1.6) then flattens (8/3.1 is < 1.1 x 4/1.6).
-    p = StepProfile(tokens=64, seconds={1: 1.0, 2: 1.2, 4: 1.6, 8: 3.1}, max_batch_size=8)
-    assert p.saturation_batch == 4
+    p = StepProfile.single(64, {1: 1.0, 2: 1.2, 4: 1.6, 8: 3.1}, max_batch_size=8)
+    assert p.saturation_batch() == 4
     assert p.cap_for(64) == 4 and p.cap_for(16) == 8 and p.cap_for(256) == 1 and p.cap_for(128) == 2
-    assert StepProfile(64, {1: 1.0, 2: 1.2, 4: 1.6, 8: 3.1}, max_batch_size=2).saturation_batch == 2
+    assert StepProfile.single(64, {1: 1.0, 2: 1.2, 4: 1.6, 8: 3.1}, max_batch_size=2).saturation_batch() == 2
     assert p.step_seconds(64, 3) == 1.6 and p.step_seconds(256, 4) == pytest.approx(3.1 * 16 / 8)
-    for bad in ('{"tokens": 64}', '{"tokens": 64, "seconds": {"1": -1}, "max_batch_size": 8}', "[]"):
+    # A second measured resolution answers for itself and for sizes nearer to it than to the first.
+    two = StepProfile({64: {1: 1.0, 2: 1.2, 4: 1.6, 8: 3.1}, 256: {1: 1.0, 2: 1.9}}, max_batch_size=8)
+    assert two.cap_for(256) == 1 and two.cap_for(200) == 1 and two.cap_for(64) == 4 and two.nearest(100) == 64
+    for bad in ('{"tables": {}}', '{"tables": {"64": {"1": -1}}, "max_batch_size": 8}', "[]", '{"tokens": 64}'):
         with pytest.raises(ValueError):
             StepProfile.from_json(bad)
 
@@ -173,4 +175,5 @@ def test_the_packaged_embedded_profile_is_valid():
     from premier.step_profile import EMBEDDED_PROFILE
 
     p = StepProfile.load(EMBEDDED_PROFILE)
-    assert p.tokens == 64 and {1, 2, 4, 8} <= set(p.seconds) and 1 <= p.saturation_batch <= p.max_batch_size
+    assert 64 in p.tables and all({1, 2, 4, 8} <= set(t) for t in p.tables.values())
+    assert all(1 <= p.cap_for(t) <= p.max_batch_size for t in p.tables)

@@ -21,10 +21,10 @@ def generator(tmp_path_factory):
     from serving.generator import Generator
 
     profile = tmp_path_factory.mktemp("profile") / "steps.json"
-    profile.write_text(StepProfile(64, {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.4}, 8).to_json())
+    profile.write_text(StepProfile.single(64, {1: 1.0, 2: 1.1, 4: 1.2, 8: 1.4}, 8).to_json())
     args = {"max_batch_size": 8, "torch_threads": 2, "batching": "step", "step_profile": str(profile)}
     g = Generator(build_config(args, environ={}).to_args())
-    assert g.stepper is not None and g.step_profile.saturation_batch == 8
+    assert g.stepper is not None and g.step_profile.cap_for(64) == 8
     return g
 
 
