@@ -35,7 +35,6 @@ from premier.training.objective import FlowObjective, build_optimizer
 from premier.training.prepared import Batch
 from premier.training.stage2 import FitResult, UserParameters, _rows
 from premier.training.warm_start import warm_start_value
-from premier.transformer import PremierTransformer
 from premier.user_record import UserRecord
 from premier.users import validate_user_id
 
@@ -89,15 +88,7 @@ class MultiUserFitter:
         if config.precision == "bf16":
             flux.to(torch.bfloat16)
         self.flux, self.premier, self.checkpoint_id, self.config = flux, premier, checkpoint_id, config
-        self.objective = FlowObjective(
-            PremierTransformer(flux, premier.config),
-            premier.adapters,
-            config.guidance,
-            config.precision,
-            config.timestep_sampling,
-            config.logit_mean,
-            config.logit_std,
-        )
+        self.objective = FlowObjective.for_fit(flux, premier, config)
         self.basis = premier.users.weight.to(flux.device)
         self.slots: dict[str, _Slot] = {}
 

@@ -44,6 +44,20 @@ class FlowObjective:
         self.compute_dtype = flux.dtype
         self.uses_guidance = bool(flux.config.guidance_embeds)
 
+    @classmethod
+    def for_fit(cls, flux, premier, config) -> FlowObjective:
+        """Stage 2's objective (single-user and multi-user fits alike): frozen FLUX and adapters, the config's
+        guidance, precision and timestep sampling."""
+        return cls(
+            PremierTransformer(flux, premier.config),
+            premier.adapters,
+            config.guidance,
+            config.precision,
+            config.timestep_sampling,
+            config.logit_mean,
+            config.logit_std,
+        )
+
     @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):

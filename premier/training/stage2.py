@@ -26,7 +26,6 @@ from premier.errors import InvalidRequestError, TrainingError
 from premier.training.config import Stage2Config
 from premier.training.objective import FixedDrawLoss, FlowObjective, build_optimizer
 from premier.training.prepared import Batch
-from premier.transformer import PremierTransformer
 from premier.user_record import UserRecord
 from premier.users import validate_user_id
 
@@ -75,16 +74,7 @@ def fit_user(
     premier.requires_grad_(False).eval()
     if config.precision == "bf16":
         flux.to(torch.bfloat16)
-    transformer = PremierTransformer(flux, premier.config)
-    objective = FlowObjective(
-        transformer,
-        premier.adapters,
-        config.guidance,
-        config.precision,
-        config.timestep_sampling,
-        config.logit_mean,
-        config.logit_std,
-    )
+    objective = FlowObjective.for_fit(flux, premier, config)
     params = UserParameters(premier.users.weight.to(device), config.mode)
     o = config.optim
     optimizer = build_optimizer([params.value], o.optimizer, o.lr, o.weight_decay, o.betas)
