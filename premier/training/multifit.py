@@ -192,15 +192,7 @@ class MultiUserFitter:
             tokens = s.params.tokens().unsqueeze(0).expand(len(pick), -1, -1)
             parts.append((batch, tokens, t, noise))
             sizes.append(len(pick))
-        per_example = self.objective.loss(
-            torch.cat([p[0].latents for p in parts]),
-            torch.cat([p[0].text for p in parts]),
-            torch.cat([p[0].pooled for p in parts]),
-            torch.cat([p[1] for p in parts]),
-            torch.cat([p[2] for p in parts]),
-            torch.cat([p[3] for p in parts]),
-            reduction="none",
-        )
+        per_example = self._loss([(b.latents, b.text, b.pooled, tok, t, n) for b, tok, t, n in parts])
         per_user = [chunk.mean() for chunk in per_example.split(sizes)]
         for s in slots:
             s.optimizer.zero_grad(set_to_none=True)
@@ -226,16 +218,27 @@ class MultiUserFitter:
         """Each slot's monitored loss (its fixed examples at its fixed draws), in one batched pass."""
         sizes = [s.monitor.latents.shape[0] for s in slots]
         tokens = [s.params.tokens().unsqueeze(0).expand(n, -1, -1) for s, n in zip(slots, sizes)]
-        per_example = self.objective.loss(
-            torch.cat([s.monitor.latents for s in slots]),
-            torch.cat([s.monitor.text for s in slots]),
-            torch.cat([s.monitor.pooled for s in slots]),
-            torch.cat(tokens),
-            torch.cat([s.monitor_t for s in slots]),
-            torch.cat([s.monitor_noise for s in slots]),
-            reduction="none",
+        per_example = self._loss(
+            [
+                (s.monitor.latents, s.monitor.text, s.monitor.pooled, tok, s.monitor_t, s.monitor_noise)
+                for s, tok in zip(slots, tokens)
+            ]
         )
         return {s.user_id: float(chunk.mean()) for s, chunk in zip(slots, per_example.split(sizes))}
+
+    def _loss(self, parts: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """Per-example losses of every slot's part, in order: one forward per tensor shape (users whose uploads
+        encode to different shapes, e.g. text lengths, cannot share a concatenation)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, part in enumerate(parts):
+            groups.setdefault(tuple(tuple(x.shape[1:]) for x in part), []).append(i)
+        out: list[torch.Tensor | None] = [None] * len(parts)
+        for members in groups.values():
+            cols = [torch.cat([parts[i][k] for i in members]) for k in range(6)]
+            losses = self.objective.loss(*cols, reduction="none")
+            for i, chunk in zip(members, losses.split([parts[i][0].shape[0] for i in members])):
+                out[i] = chunk
+        return torch.cat(out)  # type: ignore[arg-type]
 
     def _report(self, s: _Slot, loss: float) -> None:
         if s.on_progress is None:
