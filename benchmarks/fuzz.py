@@ -2000,7 +2000,11 @@ def own_server(fitting: bool, extra: dict[str, Any]) -> Iterator[dict[str, Any]]
 
     key = "fuzz-" + secrets.token_hex(8)
     with tempfile.TemporaryDirectory(prefix="premier-fuzz-") as work:
-        config = build_config({"store": str(Path(work) / "store"), **SERVER, **extra, "api_key": key}, environ={})
+        # without --fitting the fit route must not start real fits: the Jobs runner, and no Jobs API to reach (503)
+        fit = {} if fitting else {"fitting": {"runner": "jobs"}}
+        config = build_config(
+            {"store": str(Path(work) / "store"), **SERVER, **fit, **extra, "api_key": key}, environ={}
+        )
         options = ServerOptions(host="127.0.0.1", http_port=0, grpc_port=0)
         with ServerSession(config, options, dashboard=fitting, num_cpus=2, ready_timeout_s=300.0) as session:
             log_dir = None

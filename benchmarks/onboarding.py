@@ -5,7 +5,9 @@ dashboard for the Jobs API) on the embedded model. The application is deployed t
 run: the new path (`fitting: {runner: workers}`: resident fit workers, batched multi-user fits,
 warm start, convergence stop) and the old path (`runner: jobs`: a Ray job per fit with the
 reference loop). For each path and each image count: one user alone (`--repeats` times; p50) and
-`--burst` users submitted at once (when the last is servable; fits per minute at saturation =
+`--burst` users submitted at once. The uploads are new users of the embedded model's world
+(`premier.world.users.new_users`: a taste no training or test user has, its images and prompts;
+`--uploads noise` for noise around a colour with generic captions), (when the last is servable; fits per minute at saturation =
 burst / that time). The old path's burst is measured only where `--old-burst` asks (it takes
 `burst / max_running_jobs` fits of about a minute and a half each on 2 cores); otherwise its value
 is estimated from its measured single fit and marked so.
@@ -28,12 +30,31 @@ import numpy as np
 
 from benchmarks.common import write_result
 
+WORLD = Path(__file__).resolve().parent.parent / "premier" / "assets" / "world"
 CAPTIONS = ("a cat", "a house", "a tree", "a boat", "a flower", "a car", "a bird", "a cup")
 WORKERS = {"runner": "workers", "workers": 1, "worker_threads": 1, "worker_max_users": 16}
 JOBS = {"runner": "jobs"}
 
 
-def upload(n: int, seed: int) -> list[tuple[str, bytes]]:
+def world_upload(n: int, seed: int) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """A sign-up of the embedded model's world: a user no one has seen, n of its preferred images and their prompts."""
+    import json
+
+    from premier.world.users import WorldConfig, new_users
+
+    cfg = WorldConfig(**json.loads((WORLD / "world.json").read_text())["config"]["world"])
+    (user,) = new_users(cfg, 1, n, seed=seed)
+    out, captions = [], []
+    for name, image, prompt in user.history_items(n):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        out.append((name, buf.getvalue()))
+        captions.append(prompt)
+    return out, captions
+
+
+def noise_upload(n: int, seed: int) -> tuple[list[tuple[str, bytes]], list[str]]:
+    """Noise around one colour (unlike anything the model was trained on) and generic captions."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -44,26 +65,33 @@ def upload(n: int, seed: int) -> list[tuple[str, bytes]]:
         buf = io.BytesIO()
         Image.fromarray(pixels).save(buf, format="PNG")
         out.append((f"{i:02d}.png", buf.getvalue()))
-    return out
+    return out, list(CAPTIONS[:n])
 
 
-def onboard(url: str, user: str, n: int, seed: int, timeout: float) -> dict[str, Any]:
+UPLOADS = {"world": world_upload, "noise": noise_upload}
+
+
+def onboard(
+    url: str, user: str, n: int, seed: int, timeout: float, uploads: str = "world", poll: float = 0.0
+) -> dict[str, Any]:
     """One user: POST the fit, poll the job, generate the first image; the times from the upload's start."""
     import requests
 
-    files = [("images", (name, data, "image/png")) for name, data in upload(n, seed)]
+    images, captions = UPLOADS[uploads](n, seed)
+    files = [("images", (name, data, "image/png")) for name, data in images]
     started = time.perf_counter()
-    r = requests.post(f"{url}/v1/users/{user}/fit", files=files, data={"captions": list(CAPTIONS[:n])}, timeout=timeout)
+    r = requests.post(f"{url}/v1/users/{user}/fit", files=files, data={"captions": captions}, timeout=timeout)
     if r.status_code != 202:
         return {"user": user, "error": f"{r.status_code}: {r.text[:200]}"}
     job = r.json()["job_id"]
     accepted = time.perf_counter() - started
     deadline = started + timeout
     while True:
-        status = requests.get(f"{url}/v1/jobs/{job}", timeout=60).json()
+        query = "?wait=30" if poll <= 0 else ""  # 0: long polls, answered when the job ends
+        status = requests.get(f"{url}/v1/jobs/{job}{query}", timeout=90).json()
         if status["status"] in ("SUCCEEDED", "FAILED", "STOPPED") or time.perf_counter() > deadline:
             break
-        time.sleep(0.1)
+        time.sleep(max(0.0, poll))
     fitted = time.perf_counter() - started
     if status["status"] != "SUCCEEDED":
         return {"user": user, "error": status.get("message") or status["status"], "fitted_s": fitted}
@@ -81,17 +109,22 @@ def onboard(url: str, user: str, n: int, seed: int, timeout: float) -> dict[str,
     }
 
 
-def scenario(url: str, tag: str, n: int, users: int, repeats: int, timeout: float) -> dict[str, Any]:
+def scenario(url: str, tag: str, n: int, users: int, repeats: int, args: argparse.Namespace) -> dict[str, Any]:
     runs = []
     if users == 1:
         for k in range(repeats):
-            runs.append(onboard(url, f"{tag}-n{n}-solo{k}", n, 1000 * n + k, timeout))
+            runs.append(onboard(url, f"{tag}-n{n}-solo{k}", n, 1000 * n + k, args.timeout, args.uploads, args.poll))
         wall = None
     else:
         started = time.perf_counter()
         with ThreadPoolExecutor(users) as pool:
             runs = list(
-                pool.map(lambda k: onboard(url, f"{tag}-n{n}-burst{k}", n, 5000 + 100 * n + k, timeout), range(users))
+                pool.map(
+                    lambda k: onboard(
+                        url, f"{tag}-n{n}-burst{k}", n, 5000 + 100 * n + k, args.timeout, args.uploads, args.poll
+                    ),
+                    range(users),
+                )
             )
         wall = time.perf_counter() - started
     ok = [r for r in runs if "error" not in r]
@@ -126,13 +159,13 @@ def run_path(session: Any, config: Any, tag: str, args: argparse.Namespace, burs
     session.wait_ready(300.0)
     url = session.http_url
     if tag == "new":  # the workers load the model when the app starts; wait for that as a server's start would
-        onboard(url, "warmup", 1, 1, args.timeout)
+        onboard(url, "warmup", 1, 1, args.timeout, args.uploads)
     rows = []
     for n in args.images:
-        rows.append(scenario(url, tag, n, 1, args.repeats if tag == "new" else 1, args.timeout))
+        rows.append(scenario(url, tag, n, 1, args.repeats if tag == "new" else 1, args))
     if burst:
         for n in args.images:
-            rows.append(scenario(url, tag, n, args.burst, 1, args.timeout))
+            rows.append(scenario(url, tag, n, args.burst, 1, args))
     return rows
 
 
@@ -173,6 +206,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--old-burst", action="store_true", help="measure the old path's burst too (long)")
     p.add_argument("--skip-old", action="store_true")
     p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument(
+        "--poll",
+        type=float,
+        default=0.0,
+        help="0 (default): each client long-polls GET /v1/jobs/{id}?wait=30 (answered when the job ends); S > 0: "
+        "polls every S seconds (the times are then this coarse, and 16 clients polling at 4/s cost the 2-core "
+        "machine 20 s of a 16-user burst)",
+    )
+    p.add_argument(
+        "--uploads",
+        choices=sorted(UPLOADS),
+        default="world",
+        help="world: new users of the embedded model's world (its images and prompts); noise: noise around a colour",
+    )
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from serving.config import ServerOptions, build_config
@@ -185,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             {**base, "fitting": {**WORKERS, "max_running_jobs": args.burst, "max_queued_jobs": args.burst}}
         )
         old = build_config({**base, "fitting": {**JOBS, "max_running_jobs": 2, "max_queued_jobs": args.burst}})
-        with ServerSession(new, ServerOptions(http_port=0, grpc_port=0), dashboard=True) as session:
+        options = ServerOptions(http_port=0, grpc_port=0)
+        with ServerSession(new, options, dashboard=not args.skip_old) as session:  # the old path's Jobs API
             result["new"] = run_path(session, new, "new", args, burst=True)
             if not args.skip_old:
                 old_args = argparse.Namespace(**{**vars(args), "images": args.old_images or args.images})

@@ -17,7 +17,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import File, Form, Query, UploadFile
+from fastapi import File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse
 
 from premier.errors import InvalidRequestError, UnknownUserError
@@ -171,19 +171,64 @@ async def v1_fit(
     return JSONResponse({"job_id": job_id, "user_id": user_id, "status_url": f"/v1/jobs/{job_id}"}, status_code=202)
 
 
-@api.get("/v1/jobs/{job_id}", tags=["fitting"], dependencies=AUTH, summary="a fit job's status")
-async def v1_job(job_id: str, ingress: Any = INGRESS):
+MAX_JOB_WAIT_S = 60.0
+MAX_JOB_WAITERS = 64
+"""Long polls of GET /v1/jobs/{id}?wait= held at once per ingress; beyond, the answer comes at once (wait ignored)."""
+_waiters = [0]  # this process's held long polls (the event loop's own count: no lock)
+
+
+@api.get(
+    "/v1/jobs/{job_id}",
+    tags=["fitting"],
+    dependencies=AUTH,
+    summary="a fit job's status (with ?wait=S: once it has ended, or after S seconds)",
+)
+async def v1_job(
+    job_id: str,
+    request: Request,
+    wait: float = Query(
+        0.0,
+        ge=0,
+        le=MAX_JOB_WAIT_S,
+        description="hold the answer until the job has ended or this many seconds have passed (a long poll: one "
+        "request per wait instead of many polls, each of which costs the server as much as a fit step)",
+    ),
+    ingress: Any = INGRESS,
+):
     manager = ingress.fit_manager()
     if manager is None:
         return _fit_unavailable(ingress)
     try:
-        return await asyncio.to_thread(manager.status, job_id)
+        out = await asyncio.to_thread(manager.status, job_id)
+        if wait > 0 and out["status"] not in TERMINAL and _waiters[0] < MAX_JOB_WAITERS:
+            _waiters[0] += 1
+            try:
+                out = await _wait_for_end(manager, job_id, request, wait, out)
+            finally:
+                _waiters[0] -= 1
+        return out
     except InvalidRequestError as e:
         return error_response(error_for(e))
     except UnknownJobError as e:
         return error_response(RequestError(404, str(e), "job_id"))
     except FitUnavailableError as e:
         return _fit_unavailable(ingress, str(e))
+
+
+async def _wait_for_end(manager: Any, job_id: str, request: Request, wait: float, out: dict) -> dict:
+    """The job's status once it has ended, the client has gone or `wait` seconds have passed. While this process's
+    resident dispatcher runs the job the check is a lookup (no file or Jobs API read); else every half second."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    while out["status"] not in TERMINAL and loop.time() < deadline:
+        here = manager.running_here(job_id)
+        await asyncio.sleep(min(0.1 if here else 0.5, max(0.0, deadline - loop.time())))
+        if await request.is_disconnected():
+            break
+        if here and manager.running_here(job_id) and loop.time() < deadline:
+            continue
+        out = await asyncio.to_thread(manager.status, job_id)
+    return out
 
 
 @api.delete(

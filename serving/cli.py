@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--no-dashboard",
         dest="dashboard",
         action="store_false",
-        help="do not start Ray's dashboard (it hosts the Jobs API, so fitting is unavailable)",
+        help="do not start Ray's dashboard (it hosts the Jobs API: fits of runner jobs are then unavailable; resident fit workers still fit)",
     )
     p.add_argument("--check-config", action="store_true", help="validate and print the configuration, start nothing")
     p.add_argument(

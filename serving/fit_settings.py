@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from premier.errors import InvalidRequestError, PremierError
 
@@ -130,9 +130,17 @@ class FitSettings(BaseModel):
         "removed when it ends, in any state)",
     )
     # job limits: per server (its uploads folder), whatever the number of ingress replicas
-    max_running_jobs: int = Field(2, ge=1, description="fit jobs fitting at once; more wait for a slot (queued)")
-    max_queued_jobs: int = Field(
-        8, ge=0, description="fit jobs admitted beyond the running ones; a submission beyond that is answered 429"
+    max_running_jobs: int = Field(  # type: ignore[assignment]  # None only until the validator below
+        None,
+        ge=1,
+        description="fit jobs fitting at once; more wait for a slot (queued). Default: workers x worker_max_users "
+        "with runner workers (the fits the workers batch), 2 with runner jobs (each a process with the model)",
+    )
+    max_queued_jobs: int = Field(  # type: ignore[assignment]
+        None,
+        ge=0,
+        description="fit jobs admitted beyond the running ones; a submission beyond that is answered 429. "
+        "Default: 2 x max_running_jobs with runner workers, 8 with runner jobs (each a waiting driver process)",
     )
     job_timeout_s: float = Field(
         3 * 3600.0,
@@ -160,7 +168,9 @@ class FitSettings(BaseModel):
     # resident fit workers (serving/fit_workers.py, docs/onboarding.md): long-lived Ray actors that hold the frozen
     # model and fit several users in the same forward passes, instead of a Ray job (a new process) per fit
     runner: Literal["jobs", "workers"] = Field(
-        "jobs", description="jobs: a Ray job per fit (a new process); workers: resident fit workers"
+        "workers",
+        description="workers (default): resident fit workers, the model loaded once, fits batched; jobs: a Ray job "
+        "per fit (a new process with its own model load: for very large fits, or a cluster without spare memory)",
     )
     workers: int = Field(1, ge=1, description="resident fit workers (Ray actors, each with the model loaded)")
     worker_max_users: int = Field(8, ge=1, description="fits one worker runs in the same forward passes")
@@ -188,6 +198,16 @@ class FitSettings(BaseModel):
     counts_cache_s: float = Field(
         2.0, ge=0, description="how long counts() may reuse a Jobs API listing (metrics scrapes)"
     )
+
+    @model_validator(mode="after")
+    def _job_caps(self) -> FitSettings:
+        """Caps that follow the runner where not given (a resident fit is a batch slot; a job is a process)."""
+        workers = self.runner == "workers"
+        if self.max_running_jobs is None:
+            self.max_running_jobs = self.workers * self.worker_max_users if workers else 2
+        if self.max_queued_jobs is None:
+            self.max_queued_jobs = 2 * self.max_running_jobs if workers else 8
+        return self
 
     def fit_options(self) -> dict[str, Any]:
         """These options as keyword arguments of `premier.training.fit.fit_new_user` (what a fit job passes)."""

@@ -189,10 +189,15 @@ class FitWorker:
                 continue
             try:
                 ended = self.fitter.round()
-            except Exception as e:  # the shared pass failed: every active fit fails, the worker goes on
-                log.exception("fit round failed")
-                ended = {job_id: e for job_id in list(self.fitter.slots)}
-                self.fitter.slots.clear()
+            except Exception:  # the shared pass failed: each fit alone, so that only a fit that fails by itself fails
+                log.exception("a shared fit round failed; retrying its fits one by one")
+                ended = {}
+                for job_id in list(self.fitter.slots):
+                    try:
+                        ended.update(self.fitter.round(only=[job_id]))
+                    except Exception as e:
+                        ended[job_id] = e
+                        self.fitter.remove(job_id)
             for job_id, outcome in ended.items():
                 self.fits_done += 1
                 if isinstance(outcome, Exception):

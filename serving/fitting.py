@@ -218,6 +218,10 @@ class FitJobManager:
         info = self._info(job_id)
         return self._describe(job_id, info.metadata["user_id"], info)
 
+    def running_here(self, job_id: str) -> bool:
+        """Whether this process's resident dispatcher is fitting the job now (a lookup: no I/O)."""
+        return self.resident is not None and self.resident.running(job_id)
+
     def _info_or_none(self, job_id: str) -> Any:
         """The Jobs API's details of a job (the dispatcher's, for a resident one), None if it does not know it."""
         if self.resident is not None:

@@ -147,12 +147,13 @@ class MultiUserFitter:
             out.update(self.round())
         return out
 
-    def round(self) -> dict[str, FitResult | Exception]:
-        """One step for every active slot (one forward and backward pass), then their evaluations; the slots
-        that ended in this round, with their results (or errors), are removed and returned."""
-        if not self.slots:
+    def round(self, only: list[str] | None = None) -> dict[str, FitResult | Exception]:
+        """One step for every active slot (or the `only` ones: a failed shared round is retried one by one), one
+        forward and backward pass, then their evaluations; the slots that ended in this round, with their results
+        (or errors), are removed and returned."""
+        slots = [self.slots[u] for u in only if u in self.slots] if only is not None else list(self.slots.values())
+        if not slots:
             return {}
-        slots = list(self.slots.values())
         for s in slots:
             if s.step == 0 and math.isinf(s.best_loss):  # the starting point's monitored loss
                 s.best_loss = s.initial_loss = self._monitor([s])[s.user_id]

@@ -18,7 +18,7 @@ from premier.errors import InvalidRequestError
 from premier.world.render import render_image
 from premier.world.spec import ALL_CONTENTS, PROMPTS, Content, Style, random_content, random_style
 
-_TRAIN, _TEST, _DEMO = 1, 2, 3  # independent random streams per kind of user
+_TRAIN, _TEST, _DEMO, _NEW = 1, 2, 3, 4  # independent random streams per kind of user
 
 
 @dataclass(frozen=True)
@@ -98,6 +98,15 @@ def held_out_users(cfg: WorldConfig) -> list[WorldUser]:
         history = _history(rng, cfg.test_history)
         prompts = tuple(ALL_CONTENTS[j].prompt for j in rng.permutation(len(ALL_CONTENTS))[: cfg.test_prompts])
         users.append(WorldUser(f"test{i:03d}", style, history, prompts))
+    return users
+
+
+def new_users(cfg: WorldConfig, count: int, images: int, seed: int = 0) -> list[WorldUser]:
+    """Users the world never showed anyone (not training, test or demo users): what a benchmark uploads as sign-ups."""
+    users = []
+    for i in range(count):
+        rng = np.random.default_rng([cfg.seed, _NEW, seed, i])
+        users.append(WorldUser(f"new{seed}-{i:03d}", random_style(rng), _history(rng, images)))
     return users
 
 

@@ -39,3 +39,23 @@ def test_fit_speed_quick(tmp_path):
         4,
         16,
     ]
+
+
+def test_onboarding_new_path_end_to_end(tmp_path):
+    """Upload -> servable -> first image through a live server on resident workers, with world uploads and long
+    polls: every fit succeeds, each user's first image is answered, and the summary is computed from the runs."""
+    from benchmarks import onboarding
+
+    out = tmp_path / "onboarding.json"
+    result = onboarding.main(
+        ["--images", "2", "--burst", "2", "--repeats", "1", "--skip-old", "--timeout", "600", "--out", str(out)]
+    )
+    data = json.loads(out.read_text())
+    assert data["benchmark"] == "onboarding" and data["old"] == [] and result["summary"] == data["summary"]
+    solo, burst = data["new"]
+    assert (solo["users"], solo["succeeded"], burst["users"], burst["succeeded"]) == (1, 1, 2, 2), data["new"]
+    for run in solo["runs"] + burst["runs"]:
+        assert run["generate_status"] == 200 and 0 < run["accepted_s"] <= run["servable_s"] <= run["first_image_s"]
+        assert 1 <= run["steps"] <= 300  # the fast preset's cap
+    assert burst["all_servable_s"] == max(r["servable_s"] for r in burst["runs"])
+    assert data["summary"]["fits_per_minute_at_saturation"] == burst["fits_per_minute"]

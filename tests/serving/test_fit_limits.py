@@ -217,7 +217,9 @@ def fake_manager(tmp_path, monkeypatch, jobs: FakeJobs | None = None, **settings
     store = tmp_path / "store"
     jobs = jobs or FakeJobs(str(store.resolve()))
     monkeypatch.setattr(FitJobManager, "_jobs", lambda self: jobs)
-    manager = FitJobManager(FitSettings(**settings), store_path=str(store), model=None, checkpoint=None)
+    manager = FitJobManager(
+        FitSettings(**{"runner": "jobs", **settings}), store_path=str(store), model=None, checkpoint=None
+    )
     return manager, jobs
 
 

@@ -177,7 +177,7 @@ def test_fit_through_http_on_resident_workers_then_generate():
     import requests
     from serving_harness import serve_app
 
-    with serve_app({"fitting": QUICK}) as server:
+    with serve_app({"fitting": {"worker_threads": 1}}) as server:  # resident workers: the default runner
         url = server.http_url
         files = [("images", (n, d, "image/png")) for n, d in png_upload(2, colour=(40, 60, 220))]
         r = requests.post(
@@ -187,12 +187,15 @@ def test_fit_through_http_on_resident_workers_then_generate():
         job_id = r.json()["job_id"]
         again = requests.post(f"{url}/v1/users/newcomer/fit", files=files, data={"captions": ["a", "b"]}, timeout=60)
         assert again.status_code in (202, 409) and (again.status_code == 202 or job_id in again.json()["error"])
-        deadline = time.monotonic() + 300
-        while (status := requests.get(f"{url}/v1/jobs/{job_id}", timeout=30).json())["status"] not in TERMINAL:
-            assert time.monotonic() < deadline, status
+        for bad in ("-1", "61", "nan", "soon"):  # the long poll's bound: 0..60 s, a number
+            r = requests.get(f"{url}/v1/jobs/{job_id}?wait={bad}", timeout=30)
+            assert r.status_code == 422 and "wait" in r.text, (bad, r.text)
+        polls = 0
+        while (status := requests.get(f"{url}/v1/jobs/{job_id}?wait=60", timeout=120).json())["status"] not in TERMINAL:
+            polls += 1  # a long poll answers when the job ends (or after 60 s): a few at most, never a busy loop
+            assert polls < 5, status
             if status["status"] == "RUNNING" and "progress" in status:
                 assert status["progress"]["step"] >= 1 and status["progress"]["expected_seconds_left"] >= 0
-            time.sleep(0.2)
         assert status["status"] == "SUCCEEDED" and status["user"]["user_id"] == "newcomer", status
         r = requests.post(
             f"{url}/v1/generate", json={"prompt": "a cat", "user_id": "newcomer", "format": "json"}, timeout=60
@@ -206,9 +209,54 @@ def test_fit_through_http_on_resident_workers_then_generate():
 def test_worker_settings_choose_the_fast_preset_or_the_stage2_options():
     from premier.training.config import Stage2Config
 
+    default = FitSettings()  # resident workers by default, their caps from the workers' batch
+    assert default.runner == "workers" and default.max_running_jobs == default.workers * default.worker_max_users
+    jobs = FitSettings(runner="jobs")
+    assert (jobs.max_running_jobs, jobs.max_queued_jobs) == (2, 8)
+    assert FitSettings(max_running_jobs=3).max_queued_jobs == 6
+
     fast = Stage2Config(**FitSettings(runner="workers", seed=4).worker_stage2())
     assert fast.warm_start > 0 and fast.seed == 4 and fast.steps == Stage2Config.fast().steps
     plain = Stage2Config(**FitSettings(fast=False, steps=9, optimizer="adamw", lr=0.1).worker_stage2())
     assert plain.warm_start == 0 and plain.steps == 9 and (plain.optim.optimizer, plain.optim.lr) == ("adamw", 0.1)
     with pytest.raises(ValueError, match="runner"):
         FitSettings(runner="threads")
+
+
+def test_a_fit_that_fails_the_shared_round_fails_alone():
+    """A fit whose pass raises (a poisoned upload, an out-of-memory error for its shapes) fails alone: the round is
+    retried fit by fit and the others end with their records."""
+    import threading
+
+    from serving.fit_workers import FitWorker
+
+    settings = FitSettings(**QUICK)
+    worker = FitWorker(None, None, settings.model_dump(mode="json"))
+    fitter = worker.fitter
+    real = fitter._train_step
+
+    def train_step(slots, ended):
+        if any(s.user_id == "job-bad" for s in slots):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return real(slots, ended)
+
+    fitter._train_step = train_step
+    out: dict[str, dict] = {}
+    ready = threading.Barrier(3)
+
+    def fit(job: str, colour) -> None:
+        ready.wait()
+        out[job] = worker.fit(job, job.removeprefix("job-"), png_upload(2, colour=colour), ["a", "b"], {})
+
+    threads = [
+        threading.Thread(target=fit, args=(j, c))
+        for j, c in (("job-bad", (10, 10, 10)), ("job-a", (200, 30, 30)), ("job-b", (30, 30, 200)))
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert out["job-bad"]["code"] != 0 and "out of memory" in out["job-bad"]["error"], out["job-bad"]
+    for job in ("job-a", "job-b"):
+        assert out[job]["code"] == 0 and torch.isfinite(out[job]["record"].vector).all(), out[job]
+    assert not fitter.slots and worker.fits_done == 3

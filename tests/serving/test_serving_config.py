@@ -136,7 +136,7 @@ def test_store_resource_places_the_store_openers(tmp_path, monkeypatch):
             submitted.update(kwargs)
 
     manager = FitJobManager(
-        FitSettings(num_gpus=1, num_cpus=4),
+        FitSettings(runner="jobs", num_gpus=1, num_cpus=4),
         store_path=str(tmp_path / "store"),
         model=None,
         checkpoint=None,

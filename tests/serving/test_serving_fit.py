@@ -25,7 +25,7 @@ from premier.models.embedded import build_embedded_premier
 from serving.fitting import FitJobManager, FitSettings, FitUnavailableError, UnknownJobError, UploadTooLargeError
 from store.user_store import UserStore
 
-FIT = dict(steps=30, eval_every=10)
+FIT = dict(runner="jobs", steps=30, eval_every=10)  # the Ray Jobs path (resident workers: test_fit_workers.py)
 STORE_RESOURCE = "premier_store"  # what the local Ray of serving.server declares, as a KubeRay head does
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -275,7 +275,10 @@ def test_job_driver_waits_for_the_store_node(cluster, tmp_path):
 
 def test_stopped_job_writes_no_user(cluster, tmp_path):
     manager = FitJobManager(
-        FitSettings(steps=100_000, patience=100_000), store_path=str(tmp_path / "store"), model=None, checkpoint=None
+        FitSettings(runner="jobs", steps=100_000, patience=100_000),
+        store_path=str(tmp_path / "store"),
+        model=None,
+        checkpoint=None,
     )
     job_id = manager.submit("quitter", png_upload(2), ["a cat", "a tree"])
     wait(manager, job_id, until=("RUNNING",) + TERMINAL)
@@ -289,7 +292,7 @@ def test_stopped_job_writes_no_user(cluster, tmp_path):
 
 
 def test_timed_out_job_fails_cleanly(cluster, tmp_path):
-    settings = FitSettings(steps=100_000, patience=100_000, job_timeout_s=2.0)
+    settings = FitSettings(runner="jobs", steps=100_000, patience=100_000, job_timeout_s=2.0)
     manager = FitJobManager(settings, store_path=str(tmp_path / "store"), model=None, checkpoint=None)
     job_id = manager.submit("slowpoke", png_upload(2), ["a cat", "a tree"])
     status = wait(manager, job_id)
