@@ -9,7 +9,9 @@ against the ground truth. Rows:
 - premier and the ablations (`premier.world.stages.VARIANTS`), each its own stage-1 run with
   the same data and budget (the shipped checkpoint is `premier`; ablations are trained into
   WORK on first use and reused afterwards);
-- the Fig. 6 sweep: linear combination vs direct fitting at each history size.
+- the Fig. 6 sweep: linear combination vs direct fitting at each history size, and the onboarding
+  fast fit (`Stage2Config.fast()`: warm start, convergence stop, the users in shared passes, what
+  the server's resident fit workers run) against the full linear-combination fit.
 
 This module runs the evaluation; premier/world/report.py writes its report (Markdown, plots, JSON).
 """
@@ -44,6 +46,9 @@ from premier.world.report import write_report
 from premier.world.spec import content_of
 from premier.world.stages import VARIANTS, build_trainer, encode_user, fit, prepare, use_variant
 from premier.world.users import WorldConfig, WorldUser, held_out_users, write_training_data
+
+SWEEP_MODES = ("coefficients", "direct", "fast")
+"""The sweep's fits: linear combination and direct (the reference loop), and the onboarding fast fit."""
 
 
 @dataclass(frozen=True)
@@ -215,6 +220,22 @@ class Evaluator:
             )
         return tokens
 
+    def fit_users_fast(self, premier: PremierModel, ckpt: str, users: list[WorldUser], k: int) -> list[torch.Tensor]:
+        """The onboarding path's fits (serving's resident workers): every user in the same passes."""
+        from premier.training.multifit import MultiUserFitter
+
+        fitter = MultiUserFitter(self.flux_pipe.transformer, premier, ckpt, Stage2Config.fast(seed=self.stage2.seed))
+        for user in users:
+            fitter.add(user.user_id, encode_user(self.encoder, user, k))
+        results = fitter.run()
+        out = []
+        for user in users:
+            result = results[user.user_id]
+            if isinstance(result, Exception):
+                raise result
+            out.append(result.record.materialise(premier.users, ckpt))
+        return out
+
     def generate(
         self,
         premier: PremierModel | None,
@@ -319,17 +340,17 @@ class Evaluator:
             if variant == "premier":
                 sweep_users = users[: cfg.sweep_users]
                 n = sum(len(u.test_prompts) for u in sweep_users)
-                for mode in ("coefficients", "direct"):
+                for mode in SWEEP_MODES:
                     for k in cfg.sweep:
 
                         def sweep_row(mode: str = mode, k: int = k) -> tuple[dict[str, float], np.ndarray]:
                             premier, ckpt = load()
-                            toks = dict(
-                                zip(
-                                    [u.user_id for u in sweep_users],
-                                    self.fit_users(premier, ckpt, sweep_users, k, mode),
-                                )
+                            fitted = (
+                                self.fit_users_fast(premier, ckpt, sweep_users, k)
+                                if mode == "fast"
+                                else self.fit_users(premier, ckpt, sweep_users, k, mode)
                             )
+                            toks = dict(zip([u.user_id for u in sweep_users], fitted))
                             imgs = self.generate(premier, ckpt, toks, sweep_users)
                             return self.score(imgs, sweep_users, base[:n]), imgs
 

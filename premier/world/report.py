@@ -18,6 +18,11 @@ LABELS = {
 }
 
 
+SWEEP_LABELS = {
+    "coefficients": "linear combination",
+    "direct": "direct fitting",
+    "fast": "fast fit (onboarding: warm start, convergence stop)",
+}
 START_LABEL = "Premier, no history (stage 2's starting point: the mean training user)"
 
 
@@ -92,7 +97,7 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
             "| history images | " + " | ".join(str(k) for k in ks) + " |",
             "|---|" + "---|" * len(ks),
         ]
-        for mode, label in (("coefficients", "linear combination"), ("direct", "direct fitting")):
+        for mode, label in SWEEP_LABELS.items():
             if mode in sweep:
                 cells = [
                     f"{sweep[mode][str(k)]['alignment']:.3f} ({sweep[mode][str(k)]['distance']:.3f})"
@@ -102,7 +107,7 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
                 ]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for mode, label in (("coefficients", "linear combination"), ("direct", "direct fitting")):
+        for mode, label in SWEEP_LABELS.items():
             if mode in sweep:
                 got = sorted(int(k) for k in sweep[mode])
                 axes[0].plot(got, [sweep[mode][str(k)]["alignment"] for k in got], marker="o", label=label)
@@ -230,7 +235,17 @@ def findings(
                 else f"{'linear combination' if c > d else 'direct fitting'} aligns better"
             )
             out.append(f"- {k} history images: {detail} ({c:.3f} vs {d:.3f}).")
+    if "coefficients" in sweep and "fast" in sweep:
+        for k in sorted(set(sweep["coefficients"]) & set(sweep["fast"]), key=int):
+            c, f = sweep["coefficients"][k]["alignment"], sweep["fast"][k]["alignment"]
+            keys = (f"sweep-fast-{k}", f"sweep-coefficients-{k}")
+            detail = (
+                f"fast fit minus full linear combination {_versus(pairs[keys[0]], pairs[keys[1]])}"
+                if all(x in pairs for x in keys)
+                else f"fast fit minus full linear combination {f - c:+.3f}"
+            )
+            out.append(f"- {k} history images, onboarding: {detail} ({f:.3f} vs {c:.3f}).")
     return out
 
 
-__all__ = ["LABELS", "START_LABEL", "findings", "paired_difference", "write_report"]
+__all__ = ["LABELS", "SWEEP_LABELS", "START_LABEL", "findings", "paired_difference", "write_report"]

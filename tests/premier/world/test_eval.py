@@ -76,7 +76,9 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
     results = json.loads((docs / "eval.json").read_text())
     assert set(results["rows"]) == {"ground_truth", "base", "start", "premier", "no_ppm", "no_shared"}
     assert "Premier, no history (stage 2's starting point" in report and "What fitting adds" in report
-    assert set(results["sweep"]) == {"coefficients", "direct"} and set(results["sweep"]["direct"]) == {"1", "2"}
+    assert set(results["sweep"]) == {"coefficients", "direct", "fast"} and set(results["sweep"]["direct"]) == {"1", "2"}
+    assert set(results["sweep"]["fast"]) == {"1", "2"} and "fast fit (onboarding" in report
+    assert "onboarding: fast fit minus full linear combination" in report  # the paired reading, per history size
     for row in results["rows"].values():
         assert 0 <= row["alignment"] <= 1 and 0 <= row["text"] <= 1 and row["distance"] >= 0
     # Per-(user, prompt) alignments behind every row, whose means are the rows' alignments.
