@@ -155,7 +155,8 @@ def run_path(session: Any, config: Any, tag: str, args: argparse.Namespace, burs
     from serving.app import build
     from serving.config import APP_NAME
 
-    serve.run(build(config), name=APP_NAME, route_prefix="/")
+    if config.fitting.runner != session.config.fitting.runner:  # the session deployed its own when it started
+        serve.run(build(config), name=APP_NAME, route_prefix="/")
     session.wait_ready(300.0)
     url = session.http_url
     if tag == "new":  # the workers load the model when the app starts; wait for that as a server's start would
