@@ -225,26 +225,19 @@ def findings(
         out.append(
             f"- Not run in this report: {', '.join(missing)} (`premier eval --variants ...` adds them; finished rows are reused)."
         )
-    if "coefficients" in sweep and "direct" in sweep:
-        for k in sorted(set(sweep["coefficients"]) & set(sweep["direct"]), key=int):
-            c, d = sweep["coefficients"][k]["alignment"], sweep["direct"][k]["alignment"]
-            keys = (f"sweep-coefficients-{k}", f"sweep-direct-{k}")
-            detail = (
-                f"linear combination minus direct {_versus(pairs[keys[0]], pairs[keys[1]])}"
-                if all(x in pairs for x in keys)
-                else f"{'linear combination' if c > d else 'direct fitting'} aligns better"
-            )
-            out.append(f"- {k} history images: {detail} ({c:.3f} vs {d:.3f}).")
-    if "coefficients" in sweep and "fast" in sweep:
-        for k in sorted(set(sweep["coefficients"]) & set(sweep["fast"]), key=int):
-            c, f = sweep["coefficients"][k]["alignment"], sweep["fast"][k]["alignment"]
-            keys = (f"sweep-fast-{k}", f"sweep-coefficients-{k}")
-            detail = (
-                f"fast fit minus full linear combination {_versus(pairs[keys[0]], pairs[keys[1]])}"
-                if all(x in pairs for x in keys)
-                else f"fast fit minus full linear combination {f - c:+.3f}"
-            )
-            out.append(f"- {k} history images, onboarding: {detail} ({f:.3f} vs {c:.3f}).")
+    # (mode a, mode b, how "a minus b" reads, the line's prefix): the paired difference at each history size
+    comparisons = (
+        ("coefficients", "direct", "linear combination minus direct", ""),
+        ("fast", "coefficients", "fast fit minus full linear combination", ", onboarding"),
+    )
+    for a, b, reading, prefix in comparisons:
+        if a not in sweep or b not in sweep:
+            continue
+        for k in sorted(set(sweep[a]) & set(sweep[b]), key=int):
+            x, y = sweep[a][k]["alignment"], sweep[b][k]["alignment"]
+            keys = (f"sweep-{a}-{k}", f"sweep-{b}-{k}")
+            diff = _versus(pairs[keys[0]], pairs[keys[1]]) if all(key in pairs for key in keys) else f"{x - y:+.3f}"
+            out.append(f"- {k} history images{prefix}: {reading} {diff} ({x:.3f} vs {y:.3f}).")
     return out
 
 
