@@ -156,7 +156,9 @@ class PremierPipeline:
     # ----------------------------------------------------------------- properties
     @property
     def device(self) -> torch.device:
-        return self.flux_pipe.transformer.device
+        # A parameter's, not ModelMixin.device: that one walks every submodule for offload hooks, on every call
+        # (5 % of a small forward, which asks several times per step).
+        return next(self.flux_pipe.transformer.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:

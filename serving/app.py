@@ -26,7 +26,10 @@ def generator_options(config: ServeConfig) -> dict[str, Any]:
         name="Generator",
         **replicas,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-        max_ongoing_requests=config.generator_max_ongoing,
+        # Never full: the ingress's admission bound is the one queue. A replica that refuses puts the request in
+        # the router's retry loop (backoff up to 0.5 s), and an overloaded generator idles once its own queue drains:
+        # at 2x saturation on 2 cores that cost 20-45 % of the images per second (benchmarks/load.py).
+        max_ongoing_requests=config.admission_bound,
         max_queued_requests=config.max_queued_requests + config.generator_max_ongoing,
         health_check_period_s=2,
         health_check_timeout_s=30,

@@ -190,8 +190,9 @@ class ServeConfig(BaseModel):
 
     @property
     def generator_max_ongoing(self) -> int:
-        """Ray Serve's per-replica concurrency: four full batches, so requests trickling in through the router
-        while one forward runs fill the next one completely (measured: mean batch 7.5 of 8 under overload, 5 with two)."""
+        """One replica's share of the admission bound: four full batches, so requests trickling in while one forward
+        runs fill the next one completely (measured: mean batch 7.5 of 8 under overload, 5 with two). Ray Serve's
+        own per-replica limit is the whole bound (`serving.app.generator_options`), so only the ingress refuses."""
         return 4 * self.max_batch_size
 
     @property
