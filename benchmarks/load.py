@@ -24,7 +24,9 @@ images answered per second stay within 10 % of the saturation throughput (goodpu
 
 Run: `python benchmarks/load.py` (~10 min on 2 cores), `--batch-sizes 1,8`, `--quick` (a smoke
 run), or `--url http://host:port` against a server that is already running (one sweep, its own
-max batch size). Writes JSON (`--out`, default benchmarks/results/<machine>/load.json) and a
+max batch size). On a small machine the client, Ray's HTTP proxy and the ingress share the model's
+cores, so every refused request takes CPU from the model; `--pin` gives the model a core of its own
+(as on a GPU node, where the front never runs on the model's CPU) and writes `load_pinned.json`. Writes JSON (`--out`, default benchmarks/results/<machine>/load.json) and a
 PNG plot beside it.
 
 One module on purpose: the load generator, the server it starts and the report are one experiment whose
@@ -295,6 +297,25 @@ def serve_each(batch_sizes: list[int], extra: dict[str, Any]) -> Iterator[tuple[
                 yield b, session.http_url
 
 
+def pin_generators(model_cores: set[int]) -> list[int]:
+    """Move every thread of each generator replica process onto `model_cores` (the rest of Ray, Ray's HTTP proxy,
+    the ingress and this client inherited the front cores from this process); returns the pids moved."""
+    moved = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            if "ServeReplica" not in cmdline or "Generator" not in cmdline:
+                continue
+            for task in (proc / "task").iterdir():
+                os.sched_setaffinity(int(task.name), model_cores)
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        moved.append(int(proc.name))
+    return moved
+
+
 # ---------------------------------------------------------------------- report
 def targets(runs: list[dict[str, Any]], reference: dict[str, Any] | None = None) -> dict[str, Any]:
     by = {r["max_batch_size"]: r for r in runs}
@@ -388,6 +409,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--users", help="comma-separated user ids ('none' for plain FLUX; default: the embedded demo users and none)"
     )
     ap.add_argument("--server-config", help="YAML of extra ServeConfig fields for the servers this benchmark starts")
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the model on its own core (the last; generator torch_threads 1), everything else (Ray, its HTTP proxy, "
+        "the ingress and this client) on the others: the split of a GPU node, where the front never runs on the "
+        "model's CPU; writes load_pinned.json",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<machine>/load.json; the plot goes beside it)")
     args = ap.parse_args(argv)
@@ -407,7 +435,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import yaml
 
         extra = yaml.safe_load(Path(args.server_config).read_text()) or {}
-    name = "load" + ("_quick" if args.quick else "")
+    pinned: dict[str, Any] | None = None
+    if args.pin:
+        if args.url:
+            ap.error("--pin starts the server itself; it cannot be used with --url")
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            ap.error(f"--pin needs at least 2 cores; this process may use {len(cores)}")
+        pinned = {"model_cores": cores[-1:], "front_cores": cores[:-1]}
+        os.sched_setaffinity(0, set(pinned["front_cores"]))  # Ray's processes, started from here, inherit it
+        extra = {**extra, "torch_threads": 1}
+    name = "load" + ("_quick" if args.quick else "") + ("_pinned" if pinned else "")
     load_before = os.getloadavg()
     runs: list[dict[str, Any]] = []
     reference = None if args.url else pipeline_reference(size["batch_sizes"], size["pipeline_repeats"])
@@ -421,6 +459,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.append({"max_batch_size": None, "url": args.url, **sweep(args.url.rstrip("/"), size, users, args.seed)})
     else:
         for b, url in serve_each(size["batch_sizes"], extra):
+            if pinned:
+                pinned[f"generator_pids_bs{b}"] = pin_generators(set(pinned["model_cores"]))
+                if not pinned[f"generator_pids_bs{b}"]:
+                    raise SystemExit("--pin: no generator replica process found to pin")
             print(f"max batch size {b}: {url}", flush=True)
             runs.append({"max_batch_size": b, **sweep(url, size, users, args.seed)})
     payload = {
@@ -429,6 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "users": users,
             "quick": args.quick,
             "server_config": extra,
+            "pinned": pinned,
             "arrivals": "poisson (sweep), fixed (low load)",
         },
         "machine_load": {

@@ -26,11 +26,13 @@ def generator_options(config: ServeConfig) -> dict[str, Any]:
         name="Generator",
         **replicas,
         ray_actor_options={"num_cpus": config.num_cpus, "num_gpus": config.num_gpus},
-        # Never full: the ingress's admission bound is the one queue. A replica that refuses puts the request in
-        # the router's retry loop (backoff up to 0.5 s), and an overloaded generator idles once its own queue drains:
-        # at 2x saturation on 2 cores that cost 20-45 % of the images per second (benchmarks/load.py).
-        max_ongoing_requests=config.admission_bound,
-        max_queued_requests=config.max_queued_requests + config.generator_max_ongoing,
+        # A replica holds what one replica's admission bound admits, so with its share of the load it never refuses:
+        # a refused request waits out the router's retry backoff (up to 0.5 s) while the generator idles once its
+        # own queue drains (at 2x saturation on 2 cores that cost 20-45 % of the images per second,
+        # benchmarks/load.py). Beyond it (autoscaling, fewer replicas running than the bound counts) requests wait
+        # in the handle's queue, where the replicas being added pick them up.
+        max_ongoing_requests=config.replica_bound,
+        max_queued_requests=config.replica_bound,
         health_check_period_s=2,
         health_check_timeout_s=30,
         graceful_shutdown_timeout_s=max(30.0, config.request_timeout_s),

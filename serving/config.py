@@ -192,7 +192,7 @@ class ServeConfig(BaseModel):
     def generator_max_ongoing(self) -> int:
         """One replica's share of the admission bound: four full batches, so requests trickling in while one forward
         runs fill the next one completely (measured: mean batch 7.5 of 8 under overload, 5 with two). Ray Serve's
-        own per-replica limit is the whole bound (`serving.app.generator_options`), so only the ingress refuses."""
+        own per-replica limit is larger (`replica_bound`), so a replica with its share of the load never refuses."""
         return 4 * self.max_batch_size
 
     @property
@@ -210,6 +210,12 @@ class ServeConfig(BaseModel):
         out = auto.model_dump(exclude_none=True)
         out.setdefault("target_ongoing_requests", 2 * self.max_batch_size)  # two batches in flight per replica
         return out
+
+    @property
+    def replica_bound(self) -> int:
+        """What one generator replica holds at most (Ray Serve's max_ongoing_requests): the admission bound of a
+        single-replica server."""
+        return self.max_queued_requests + self.generator_max_ongoing
 
     @property
     def admission_bound(self) -> int:

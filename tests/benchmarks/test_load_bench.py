@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -90,6 +95,30 @@ def test_targets():
     assert not t["no_loss_no_5xx_at_2x_saturation"]["pass"]
     assert t["goodput_at_2x_within_10pct_of_saturation"]["ratio"][8] == 0.8
     assert not t["goodput_at_2x_within_10pct_of_saturation"]["pass"]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_pin_moves_every_thread_of_a_generator_process_and_nothing_else():
+    """--pin finds generator replicas by their Ray process title and moves all their threads to the model core."""
+    cores = sorted(os.sched_getaffinity(0))
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
+    generator = subprocess.Popen([sys.executable, "-c", code, "ray::ServeReplica:premier:Generator"])
+    other = subprocess.Popen([sys.executable, "-c", code, "ray::ServeReplica:premier:Ingress"])
+    try:
+        tasks = Path(f"/proc/{generator.pid}/task")
+        for _ in range(100):  # until its second thread exists
+            if len(list(tasks.iterdir())) >= 2:
+                break
+            time.sleep(0.05)
+        assert generator.pid in load.pin_generators({cores[-1]})
+        assert other.pid not in load.pin_generators({cores[-1]})
+        threads = [int(t.name) for t in tasks.iterdir()]
+        assert len(threads) >= 2 and all(os.sched_getaffinity(t) == {cores[-1]} for t in threads)
+        assert os.sched_getaffinity(other.pid) == set(cores)
+    finally:
+        for p in (generator, other):
+            p.kill()
+            p.wait()
 
 
 def test_load_bench_quick(tmp_path):

@@ -112,8 +112,8 @@ def test_fixed_replicas_build_the_old_deployment_options():
     options = generator_options(config)
     assert options["num_replicas"] == 3 and "autoscaling_config" not in options
     assert config.generator_max_replicas == 3 and config.admission_bound == 10 + 16 * 3
-    # the ingress's bound is the one queue: a generator replica never refuses (a refusal idles it in Ray's backoff)
-    assert options["max_ongoing_requests"] == config.admission_bound and options["max_queued_requests"] == 26
+    # a replica holds one replica's bound, so with its share it never refuses (a refusal idles it in Ray's backoff)
+    assert config.replica_bound == 10 + 16 and options["max_ongoing_requests"] == options["max_queued_requests"] == 26
     assert ingress_options(config)["max_ongoing_requests"] == config.admission_bound + 256
     assert "generator_autoscaling" in config.to_args() and config.to_args()["generator_autoscaling"] is None
 
