@@ -190,9 +190,8 @@ class ServeConfig(BaseModel):
 
     @property
     def generator_max_ongoing(self) -> int:
-        """One replica's share of the admission bound: four full batches, so requests trickling in while one forward
-        runs fill the next one completely (measured: mean batch 7.5 of 8 under overload, 5 with two). Ray Serve's
-        own per-replica limit is larger (`replica_bound`), so a replica with its share of the load never refuses."""
+        """One replica's share of the admission bound: four full batches, so requests trickling in during a forward
+        fill the next one (measured: mean batch 7.5 of 8 under overload, 5 with two); Ray's limit is `replica_bound`."""
         return 4 * self.max_batch_size
 
     @property
@@ -213,14 +212,12 @@ class ServeConfig(BaseModel):
 
     @property
     def replica_bound(self) -> int:
-        """What one generator replica holds at most (Ray Serve's max_ongoing_requests): the admission bound of a
-        single-replica server."""
+        """Ray Serve's max_ongoing_requests of a generator replica: a one-replica server's admission bound."""
         return self.max_queued_requests + self.generator_max_ongoing
 
     @property
     def admission_bound(self) -> int:
-        """Generation requests one ingress lets in at once (running or queued); the next gets 503. Sized for
-        the most replicas: while the autoscaler adds replicas the excess waits in Ray's handle queues."""
+        """Generation requests one ingress lets in at once (running or queued), for the most replicas; then 503."""
         return self.max_queued_requests + self.generator_max_ongoing * self.generator_max_replicas
 
     def _dump(self) -> dict[str, Any]:
