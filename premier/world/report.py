@@ -23,6 +23,21 @@ SWEEP_LABELS = {
     "direct": "direct fitting",
     "fast": "fast fit (onboarding: warm start, convergence stop)",
 }
+"""Sweep rows of the baselines are named "lora-r<rank>" (premier/world/lora_rows.py)."""
+
+
+def sweep_label(mode: str) -> str:
+    if mode.startswith("lora-r"):
+        return f"per-user LoRA, rank {mode[len('lora-r') :]} (attention projections)"
+    return SWEEP_LABELS.get(mode, mode)
+
+
+def sweep_modes(sweep: dict[str, Any]) -> list[str]:
+    """Premier's modes in their fixed order, then the baselines' by rank."""
+    extra = sorted((m for m in sweep if m not in SWEEP_LABELS), key=lambda m: (len(m), m))
+    return [m for m in SWEEP_LABELS if m in sweep] + extra
+
+
 START_LABEL = "Premier, no history (stage 2's starting point: the mean training user)"
 
 
@@ -97,7 +112,8 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
             "| history images | " + " | ".join(str(k) for k in ks) + " |",
             "|---|" + "---|" * len(ks),
         ]
-        for mode, label in SWEEP_LABELS.items():
+        for mode in sweep_modes(sweep):
+            label = sweep_label(mode)
             if mode in sweep:
                 cells = [
                     f"{sweep[mode][str(k)]['alignment']:.3f} ({sweep[mode][str(k)]['distance']:.3f})"
@@ -107,7 +123,8 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
                 ]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for mode, label in SWEEP_LABELS.items():
+        for mode in sweep_modes(sweep):
+            label = sweep_label(mode)
             if mode in sweep:
                 got = sorted(int(k) for k in sweep[mode])
                 axes[0].plot(got, [sweep[mode][str(k)]["alignment"] for k in got], marker="o", label=label)
@@ -229,6 +246,11 @@ def findings(
     comparisons = (
         ("coefficients", "direct", "linear combination minus direct", ""),
         ("fast", "coefficients", "fast fit minus full linear combination", ", onboarding"),
+        *(
+            (m, "coefficients", f"LoRA rank {m[len('lora-r') :]} minus Premier's linear combination", ", baseline")
+            for m in sweep_modes(sweep)
+            if m.startswith("lora-r")
+        ),
     )
     for a, b, reading, prefix in comparisons:
         if a not in sweep or b not in sweep:
@@ -241,4 +263,13 @@ def findings(
     return out
 
 
-__all__ = ["LABELS", "SWEEP_LABELS", "START_LABEL", "findings", "paired_difference", "write_report"]
+__all__ = [
+    "LABELS",
+    "SWEEP_LABELS",
+    "START_LABEL",
+    "findings",
+    "paired_difference",
+    "sweep_label",
+    "sweep_modes",
+    "write_report",
+]

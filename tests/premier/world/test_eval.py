@@ -106,6 +106,10 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
                 str(docs),
                 "--variants",
                 "premier,no_ppm",
+                "--baseline",
+                "lora",
+                "--lora-ranks",
+                "2",
                 "--quiet",
                 "--threads",
                 "1",
@@ -115,7 +119,17 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
     )
     out = capsys.readouterr().out
     assert "eval: premier from the cache" in out and "eval: sweep-direct-2-users1 from the cache" in out
-    assert "results reused from earlier runs' cache" in (docs / "eval.md").read_text()
+    report = (docs / "eval.md").read_text()
+    assert "results reused from earlier runs' cache" in report
+    # The LoRA baseline's rows: the same users, prompts and seeds, with what each user costs.
+    results = json.loads((docs / "eval.json").read_text())
+    lora = results["sweep"]["lora-r2"]
+    assert set(lora) == {"1", "2"} and "per-user LoRA, rank 2" in report
+    assert "baseline: LoRA rank 2 minus Premier's linear combination" in report
+    for row in lora.values():
+        assert 0 <= row["alignment"] <= 1 and row["fit_seconds"] > 0 and row["fit_steps"] >= 1
+        assert row["parameters_per_user"] > 0 and row["bytes_on_disk_per_user"] > 4 * row["parameters_per_user"] // 2
+    assert len(results["pairs"]["sweep-lora-r2-1"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -123,6 +137,7 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
     [
         (["eval", "--variants", "premier,bogus"], "unknown bogus"),
         (["eval", "--history", "99"], "history sizes must be in"),
+        (["eval", "--baseline", "lora", "--lora-ranks", "999"], "rank: must be an integer in [1, 256], got 999"),
         (["world", "build", "--only", "data,nope"], "unknown step(s) nope"),
         (["world", "validate-probe", "--world", "/nonexistent/world"], "does not exist"),
     ],
