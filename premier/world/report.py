@@ -100,7 +100,7 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
         lines.append(
             f"| {names.get(key, key)} | {fmt(row, 'alignment')} | {fmt(row, 'win_rate')} | {fmt(row, 'text')} | {fmt(row, 'distance')} |"
         )
-    lines += ["", *findings(rows, sweep, results.get("pairs"))]
+    lines += ["", *findings(rows, sweep, results.get("pairs"), results["world"]["world"].get("test_prompts"))]
     if sweep:
         ks = sorted({int(k) for m in sweep.values() for k in m})
         lines += [
@@ -193,6 +193,35 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), float(half)
 
 
+def user_bootstrap(per_user: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95 % percentile interval, resampling users (a user's prompts share one fit: not independent)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    v = torch.tensor(per_user, dtype=torch.float64)
+    idx = torch.randint(0, len(per_user), (draws, len(per_user)), generator=g)
+    means = v[idx].mean(dim=1)
+    return float(v.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def per_user(values: list[float], counts: list[int]) -> list[float]:
+    """Each user's mean over its prompts (values are in user order, counts[i] prompts each)."""
+    out, i = [], 0
+    for n in counts:
+        out.append(sum(values[i : i + n]) / n)
+        i += n
+    return out
+
+
+def _versus_users(a: list[float], b: list[float], prompts_per_user: int) -> str:
+    """a - b with its 95 % interval from a bootstrap over users (each user's prompts averaged first)."""
+    users = len(a) // prompts_per_user
+    d = per_user([x - y for x, y in zip(a, b)], [prompts_per_user] * users)
+    mean, lo, hi = user_bootstrap(d)
+    verdict = "within noise" if lo <= 0 <= hi else ("higher" if mean > 0 else "lower")
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] over {users} users ({verdict})"
+
+
 def _versus(a: list[float], b: list[float]) -> str:
     d, half = paired_difference(a, b)
     verdict = "within noise" if abs(d) <= half else ("higher" if d > 0 else "lower")
@@ -203,6 +232,7 @@ def findings(
     rows: dict[str, dict[str, float]],
     sweep: dict[str, dict[str, dict[str, float]]],
     pairs: dict[str, list[float]] | None = None,
+    prompts_per_user: int | None = None,
 ) -> list[str]:
     """Plain-words reading of the numbers, whichever way they go (written with the table, never by hand).
 
@@ -259,6 +289,8 @@ def findings(
             x, y = sweep[a][k]["alignment"], sweep[b][k]["alignment"]
             keys = (f"sweep-{a}-{k}", f"sweep-{b}-{k}")
             diff = _versus(pairs[keys[0]], pairs[keys[1]]) if all(key in pairs for key in keys) else f"{x - y:+.3f}"
+            if prompts_per_user and all(key in pairs for key in keys) and len(pairs[keys[0]]) >= 2 * prompts_per_user:
+                diff += "; by users: " + _versus_users(pairs[keys[0]], pairs[keys[1]], prompts_per_user)
             out.append(f"- {k} history images{prefix}: {reading} {diff} ({x:.3f} vs {y:.3f}).")
     return out
 
@@ -269,7 +301,9 @@ __all__ = [
     "START_LABEL",
     "findings",
     "paired_difference",
+    "per_user",
     "sweep_label",
     "sweep_modes",
+    "user_bootstrap",
     "write_report",
 ]

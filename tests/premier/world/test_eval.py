@@ -199,3 +199,25 @@ def test_paired_difference_and_its_reading():
         "w/o PPM (empty prompt into the adapters) vs full Premier: alignment +0.000 ± " in text
         and "(within noise)" in text
     )
+
+
+def test_sweep_comparisons_carry_an_interval_over_users():
+    """A baseline's sweep row against Premier's: the paired difference, and its bootstrap over users (a user's
+    prompts share one fit), which is wide when one user carries the difference."""
+    from premier.world.report import findings, user_bootstrap
+
+    lc = [0.5] * 6  # 3 users x 2 prompts
+    lora = [0.9, 0.9, 0.5, 0.5, 0.5, 0.5]  # only the first user differs
+    sweep = {m: {"1": {"alignment": sum(v) / 6, "distance": 0.5}} for m, v in (("coefficients", lc), ("lora-r4", lora))}
+    text = "\n".join(
+        findings(
+            {"base": {"alignment": 0.4, "text": 0.5, "distance": 0.5}},
+            sweep,
+            {"sweep-coefficients-1": lc, "sweep-lora-r4-1": lora},
+            prompts_per_user=2,
+        )
+    )
+    assert "1 history images, baseline: LoRA rank 4 minus Premier's linear combination +0.133" in text
+    assert "by users: +0.133 [+0.000, +0.400] over 3 users" in text
+    mean, lo, hi = user_bootstrap([0.1, 0.1, 0.1])
+    assert mean == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
