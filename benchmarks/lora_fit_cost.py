@@ -13,7 +13,7 @@ Per user the target is the lowest held-out loss that every method reaches (the w
 reported per method: the steps to first reach it and their share of the fit's wall time (evaluations
 included), the best held-out loss, and the user's size (parameters; LoRA: bytes of its file). Medians over users are in `summary`.
 
-Run: `python benchmarks/lora_fit_cost.py` (~15 min on 2 cores), `--quick`. Writes JSON (`--out`,
+Run: `python benchmarks/lora_fit_cost.py` (~10 min on 2 cores), `--quick`. Writes JSON (`--out`,
 default benchmarks/results/<machine>/lora_fit_cost.json).
 """
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.common import write_result  # noqa: E402
 
-FULL = dict(users=6, images=8, steps=300, eval_every=10, ranks=[4, 16])
+FULL = dict(users=4, images=8, steps=300, eval_every=10, ranks=[4, 16])
 QUICK = dict(users=1, images=4, steps=20, eval_every=5, ranks=[4])
 
 
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one user, 4 images, 20 steps, rank 4")
     ap.add_argument("--world", help="a built world folder (default: the shipped one)")
-    ap.add_argument("--users", type=int, help="held-out users (default 6)")
+    ap.add_argument("--users", type=int, help="held-out users (default 4)")
     ap.add_argument("--out", help="JSON path (default benchmarks/results/<machine>/lora_fit_cost.json)")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
