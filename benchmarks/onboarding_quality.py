@@ -29,6 +29,7 @@ from premier.training.config import Stage2Config
 from premier.training.multifit import MultiUserFitter
 from premier.training.stage2 import fit_user
 from premier.world.evaluate import EvalConfig, Evaluator
+from premier.world.report import per_user, user_bootstrap
 from premier.world.stages import encode_user
 
 WORLD = Path(__file__).resolve().parent.parent / "premier" / "assets" / "world"
@@ -40,24 +41,6 @@ def interval(values: list[float]) -> tuple[float, float]:
     mean = sum(values) / n
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / max(1, n - 1))
     return mean, 1.96 * sd / math.sqrt(n)
-
-
-def user_bootstrap(per_user: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean and 95 % percentile interval, resampling users (a user's prompts share one fit: not independent)."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.tensor(per_user, dtype=torch.float64)
-    idx = torch.randint(0, len(per_user), (draws, len(per_user)), generator=g)
-    means = v[idx].mean(dim=1)
-    return float(v.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
-
-
-def per_user(values: list[float], counts: list[int]) -> list[float]:
-    """Each user's mean over its prompts (values are in user order, counts[i] prompts each)."""
-    out, i = [], 0
-    for n in counts:
-        out.append(sum(values[i : i + n]) / n)
-        i += n
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -31,9 +31,10 @@ from diffusers import FluxTransformer2DModel
 from premier.checkpoint import PremierModel
 from premier.errors import InvalidRequestError, TrainingError
 from premier.training.config import Stage2Config
+from premier.training.fit_loop import rows, split_holdout
 from premier.training.objective import FlowObjective, build_optimizer
 from premier.training.prepared import Batch
-from premier.training.stage2 import FitResult, UserParameters, _rows
+from premier.training.stage2 import FitResult, UserParameters
 from premier.training.warm_start import warm_start_value
 from premier.user_record import UserRecord
 from premier.users import validate_user_id
@@ -116,20 +117,18 @@ class MultiUserFitter:
         if n == 0:
             raise InvalidRequestError("images", "no usable images to fit the user on")
         g = torch.Generator("cpu").manual_seed(config.seed)
-        order = torch.randperm(n, generator=g).tolist()  # the reference loop's split, from the same seed
-        held = [order[0]] if n >= config.holdout_min_images else []
-        train = sorted(order[1:] if held else order)
+        train, held = split_holdout(n, config, g)  # the reference loop's split, from the same seed
         params = UserParameters(self.basis, config.mode)
         warm: dict[str, Any] = {}
         if config.warm_start > 0:
-            value, warm = warm_start_value(self.objective, _rows(samples, train), self.basis, config, chunk=64)
+            value, warm = warm_start_value(self.objective, rows(samples, train), self.basis, config, chunk=64)
             with torch.no_grad():
                 params.value.copy_(value.to(params.value))
         o = config.optim
         optimizer = build_optimizer([params.value], o.optimizer, o.lr, o.weight_decay, o.betas)
         mg = torch.Generator("cpu").manual_seed(config.seed + 1)
         idx = torch.tensor(held or train).repeat_interleave(config.eval_samples)
-        monitor = _rows(samples, idx.tolist())
+        monitor = rows(samples, idx.tolist())
         t, noise = self.objective.draw(monitor.latents, mg)
         self.slots[user_id] = _Slot(
             user_id, config, samples, list(files or []), params, optimizer, g, train, held, monitor, t, noise,
@@ -188,7 +187,7 @@ class MultiUserFitter:
         parts, sizes = [], []
         for s in slots:
             pick = torch.randint(len(s.train), (s.config.batch_size,), generator=s.generator)
-            batch = _rows(s.samples, [s.train[i] for i in pick.tolist()])
+            batch = rows(s.samples, [s.train[i] for i in pick.tolist()])
             t, noise = self.objective.draw(batch.latents, s.generator)
             tokens = s.params.tokens().unsqueeze(0).expand(len(pick), -1, -1)
             parts.append((batch, tokens, t, noise))

@@ -21,13 +21,14 @@ class FlowObjective:
     """v_theta(x_t, t, prompt, user) vs eps - x0, with the adapters run on (prompt, user) once per sample.
 
     FLUX is frozen; gradients reach whatever produced `user_tokens` (table rows, coefficients or a
-    direct embedding) and, in stage 1, the adapters.
+    direct embedding) and, in stage 1, the adapters. Without adapters (and user tokens None) it is
+    plain FLUX's loss, which reaches whatever the transformer carries (the per-user LoRA baseline).
     """
 
     def __init__(
         self,
         transformer: PremierTransformer,
-        adapters: PremierAdapters,
+        adapters: PremierAdapters | None,
         guidance: float = 1.0,
         precision: str = "fp32",
         timestep_sampling: str = "logit_normal",
@@ -78,7 +79,7 @@ class FlowObjective:
         latents: torch.Tensor,
         text: torch.Tensor,
         pooled: torch.Tensor,
-        user_tokens: torch.Tensor,
+        user_tokens: torch.Tensor | None,
         t: torch.Tensor,
         noise: torch.Tensor,
         reduction: str = "mean",
@@ -94,9 +95,11 @@ class FlowObjective:
         txt_ids = torch.zeros(text.shape[1], 3, device=dev, dtype=self.compute_dtype)
         guidance = torch.full((b,), self.guidance, device=dev, dtype=torch.float32) if self.uses_guidance else None
         with self.autocast():
-            deltas = self.adapters.text_deltas(
-                text.to(self._adapter_dtype()), user_tokens.to(dev, self._adapter_dtype())
-            )
+            deltas = None
+            if self.adapters is not None and user_tokens is not None:
+                deltas = self.adapters.text_deltas(
+                    text.to(self._adapter_dtype()), user_tokens.to(dev, self._adapter_dtype())
+                )
             pred = self.transformer(
                 hidden_states=packed,
                 encoder_hidden_states=text,
@@ -127,10 +130,13 @@ class FixedDrawLoss:
         self.objective, self.draws = objective, draws
 
     @torch.no_grad()
-    def __call__(self, tokens: torch.Tensor) -> float:
-        """tokens: one user (N, U) for every example, or one per example before repetition (B, N, U)."""
+    def __call__(self, tokens: torch.Tensor | None) -> float:
+        """tokens: one user (N, U) for every example, one per example before repetition (B, N, U), or None
+        (plain FLUX, with whatever weights it carries)."""
         b = self.batch
-        if tokens.dim() == 2:
+        if tokens is None:
+            pass
+        elif tokens.dim() == 2:
             tokens = tokens.unsqueeze(0).expand(b.latents.shape[0], -1, -1)
         else:
             tokens = tokens.repeat_interleave(self.draws, dim=0)

@@ -12,8 +12,6 @@ parameters are kept and fitting stops after `patience` evaluations without impro
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,9 +20,10 @@ import torch.nn as nn
 from diffusers import FluxTransformer2DModel
 
 from premier.checkpoint import PremierModel
-from premier.errors import InvalidRequestError, TrainingError
+from premier.errors import InvalidRequestError
 from premier.training.config import Stage2Config
-from premier.training.objective import FixedDrawLoss, FlowObjective, build_optimizer
+from premier.training.fit_loop import rows, run_fit_loop, split_holdout
+from premier.training.objective import FixedDrawLoss, FlowObjective
 from premier.training.prepared import Batch
 from premier.user_record import UserRecord
 from premier.users import validate_user_id
@@ -76,79 +75,45 @@ def fit_user(
         flux.to(torch.bfloat16)
     objective = FlowObjective.for_fit(flux, premier, config)
     params = UserParameters(premier.users.weight.to(device), config.mode)
-    o = config.optim
-    optimizer = build_optimizer([params.value], o.optimizer, o.lr, o.weight_decay, o.betas)
     g = torch.Generator("cpu").manual_seed(config.seed)
+    train, held = split_holdout(n, config, g)
+    evaluator = FixedDrawLoss(objective, rows(samples, held), config.eval_samples, config.seed + 1) if held else None
 
-    order = torch.randperm(n, generator=g).tolist()
-    held = [order[0]] if n >= config.holdout_min_images else []
-    train = sorted(order[1:] if held else order)
-    evaluator = FixedDrawLoss(objective, _rows(samples, held), config.eval_samples, config.seed + 1) if held else None
+    def loss_of(batch: Batch, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        tokens = params.tokens().unsqueeze(0).expand(batch.latents.shape[0], -1, -1)
+        return objective.loss(batch.latents, batch.text, batch.pooled, tokens, t, noise)
 
-    started = time.perf_counter()
-    history: list[dict[str, Any]] = []
-    best_value, best_loss, initial_held, bad = params.value.detach().clone(), math.inf, None, 0
-    if evaluator is not None:
-        best_loss = initial_held = evaluator(params.tokens())
-        history.append({"step": 0, "held_out": best_loss})
-    recent: list[float] = []
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=config.steps, disable=not progress, desc=f"fit {user_id}", unit="step")
-    step, stopped_early = 0, False
-    try:
-        while step < config.steps:
-            pick = torch.randint(len(train), (config.batch_size,), generator=g)
-            batch = _rows(samples, [train[i] for i in pick.tolist()])
-            t, noise = objective.draw(batch.latents, g)
-            tokens = params.tokens().unsqueeze(0).expand(len(pick), -1, -1)
-            loss = objective.loss(batch.latents, batch.text, batch.pooled, tokens, t, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_([params.value], o.grad_clip)
-            if not (math.isfinite(float(loss.detach())) and math.isfinite(float(grad_norm))):
-                raise TrainingError(
-                    f"non-finite loss ({float(loss.detach())}) at fitting step {step + 1}; nothing was written"
-                )
-            optimizer.step()
-            step += 1
-            recent = (recent + [float(loss.detach())])[-50:]
-            history.append({"step": step, "loss": float(loss.detach())})
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-            if evaluator is not None and step % config.eval_every == 0:
-                held_loss = evaluator(params.tokens())
-                history.append({"step": step, "held_out": held_loss})
-                if held_loss < best_loss:
-                    best_loss, best_value, bad = held_loss, params.value.detach().clone(), 0
-                else:
-                    bad += 1
-                    if bad >= config.patience:
-                        stopped_early = True
-                        break
-    finally:
-        bar.close()
-    value = best_value if evaluator is not None else params.value.detach().clone()
+    loop = run_fit_loop(
+        parameters=[params.value],
+        loss_of=loss_of,
+        held_out=(lambda: evaluator(params.tokens())) if evaluator is not None else None,
+        snapshot=lambda: params.value.detach().clone(),
+        objective=objective,
+        samples=samples,
+        train=train,
+        generator=g,
+        config=config,
+        desc=f"fit {user_id}",
+        progress=progress,
+    )
+    value = loop.best
+    o = config.optim
     fit = {
         "mode": config.mode,
         "images": n,
         "train_images": len(train),
         "held_out_image": (files[held[0]] if files else held[0]) if held else None,
         "files": files or [],
-        "steps": step,
-        "stopped_early": stopped_early,
-        "final_loss": sum(recent) / len(recent) if recent else None,
-        "held_out_loss": best_loss if evaluator is not None else None,
-        "initial_held_out_loss": initial_held,
-        "seconds": time.perf_counter() - started,
+        "steps": loop.steps,
+        "stopped_early": loop.stopped_early,
+        "final_loss": loop.final_loss,
+        "held_out_loss": loop.held_out_loss,
+        "initial_held_out_loss": loop.initial_held_out_loss,
+        "seconds": loop.seconds,
         "seed": config.seed,
         "optimizer": o.optimizer,
         "lr": o.lr,
     }
     vector = value.cpu() if config.mode == "coefficients" else value.cpu().reshape(premier.config.user_shape)
     record = UserRecord(user_id, config.mode, vector, checkpoint_id, fit)  # type: ignore[arg-type]
-    return FitResult(record, history)
-
-
-def _rows(samples: Batch, idx: list[int]) -> Batch:
-    return Batch(samples.latents[idx], samples.text[idx], samples.pooled[idx], samples.users[idx])
+    return FitResult(record, loop.history)

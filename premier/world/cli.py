@@ -105,6 +105,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     if args.variants:
         overrides["variants"] = tuple(v for v in args.variants.split(",") if v)
+    if args.baseline:
+        overrides["baselines"] = tuple(args.baseline)
+    if args.lora_ranks:
+        overrides["lora_ranks"] = tuple(args.lora_ranks)
     from dataclasses import replace
 
     config = replace(config, **overrides)
@@ -187,6 +191,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--history", type=_positive_int, help="history images per test user (default 8)")
     p.add_argument("--sweep", type=_int_list, help="history sizes for the fitting sweep (default 1,2,4,8,16,32)")
     p.add_argument("--sweep-users", type=_positive_int, help="test users in the sweep (default 4)")
+    p.add_argument(
+        "--baseline",
+        action="append",
+        choices=["lora"],
+        help="add a baseline's rows to the sweep: 'lora', a per-user LoRA on the attention projections fitted with "
+        "stage 2's loop and budget (repeatable)",
+    )
+    p.add_argument("--lora-ranks", type=_int_list, help="LoRA ranks of the lora baseline (default 4,16)")
     p.add_argument("--denoise-steps", type=_positive_int, help="denoising steps per image (default 8)")
     p.add_argument("--quick", action="store_true", help="one user, tiny sweep, 2 steps (a smoke test)")
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")

@@ -32,6 +32,7 @@ import torch
 from premier.checkpoint import PremierModel
 from premier.errors import InvalidRequestError
 from premier.files import atomic_save_safetensors, read_safetensors
+from premier.lora import check_rank
 from premier.models.embedded import PREMIER_DIR, EmbeddedSpec, build_embedded_flux, embedded_premier_config
 from premier.models.loading import profile_for
 from premier.pipeline import PremierPipeline
@@ -40,6 +41,7 @@ from premier.training.config import OptimConfig, Stage1Config, Stage2Config
 from premier.training.prepared import DataEncoder, PreparedDataset
 from premier.training.stage1 import latest_checkpoint
 from premier.world.build import PROBE_DIR, read_world, stage1_dir
+from premier.world.lora_rows import lora_modes, lora_sweep_row, rank_of
 from premier.world.probe import WorldProbe
 from premier.world.render import render
 from premier.world.report import write_report
@@ -60,6 +62,8 @@ class EvalConfig:
     variants: tuple[str, ...] = VARIANTS
     denoise_steps: int = 8
     seed: int = 0
+    baselines: tuple[str, ...] = ()  # "lora": per-user LoRA rows in the sweep (premier/world/lora_rows.py)
+    lora_ranks: tuple[int, ...] = (4, 16)
 
     def check(self, world: WorldConfig) -> None:
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -74,6 +78,9 @@ class EvalConfig:
                 raise InvalidRequestError("history", f"history sizes must be in [1, {world.test_history}], got {k}")
         if self.denoise_steps < 1:
             raise InvalidRequestError("denoise_steps", "must be positive")
+        lora_modes(self.baselines, self.lora_ranks)
+        for r in self.lora_ranks:
+            check_rank(r)
 
     @classmethod
     def quick(cls) -> EvalConfig:
@@ -278,7 +285,13 @@ class Evaluator:
         """All rows; `on_update` gets the results so far after each row (a long run reports as it goes)."""
         cfg, started = self.config, time.perf_counter()
         results: dict[str, Any] = {
-            "config": {**cfg.__dict__, "sweep": list(cfg.sweep), "variants": list(cfg.variants)},
+            "config": {
+                **cfg.__dict__,
+                "sweep": list(cfg.sweep),
+                "variants": list(cfg.variants),
+                "baselines": list(cfg.baselines),
+                "lora_ranks": list(cfg.lora_ranks),
+            },
             "world": self.info["config"],
             "rows": {},
             "sweep": {},
@@ -340,10 +353,14 @@ class Evaluator:
             if variant == "premier":
                 sweep_users = users[: cfg.sweep_users]
                 n = sum(len(u.test_prompts) for u in sweep_users)
-                for mode in SWEEP_MODES:
+                for mode in SWEEP_MODES + lora_modes(cfg.baselines, cfg.lora_ranks):
                     for k in cfg.sweep:
 
                         def sweep_row(mode: str = mode, k: int = k) -> tuple[dict[str, float], np.ndarray]:
+                            rank = rank_of(mode)
+                            if rank is not None:
+                                imgs, costs = lora_sweep_row(self, sweep_users, k, rank)
+                                return {**self.score(imgs, sweep_users, base[:n]), **costs}, imgs
                             premier, ckpt = load()
                             fitted = (
                                 self.fit_users_fast(premier, ckpt, sweep_users, k)

@@ -23,6 +23,21 @@ SWEEP_LABELS = {
     "direct": "direct fitting",
     "fast": "fast fit (onboarding: warm start, convergence stop)",
 }
+"""Sweep rows of the baselines are named "lora-r<rank>" (premier/world/lora_rows.py)."""
+
+
+def sweep_label(mode: str) -> str:
+    if mode.startswith("lora-r"):
+        return f"per-user LoRA, rank {mode[len('lora-r') :]} (attention projections)"
+    return SWEEP_LABELS.get(mode, mode)
+
+
+def sweep_modes(sweep: dict[str, Any]) -> list[str]:
+    """Premier's modes in their fixed order, then the baselines' by rank."""
+    extra = sorted((m for m in sweep if m not in SWEEP_LABELS), key=lambda m: (len(m), m))
+    return [m for m in SWEEP_LABELS if m in sweep] + extra
+
+
 START_LABEL = "Premier, no history (stage 2's starting point: the mean training user)"
 
 
@@ -85,7 +100,7 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
         lines.append(
             f"| {names.get(key, key)} | {fmt(row, 'alignment')} | {fmt(row, 'win_rate')} | {fmt(row, 'text')} | {fmt(row, 'distance')} |"
         )
-    lines += ["", *findings(rows, sweep, results.get("pairs"))]
+    lines += ["", *findings(rows, sweep, results.get("pairs"), results["world"]["world"].get("test_prompts"))]
     if sweep:
         ks = sorted({int(k) for m in sweep.values() for k in m})
         lines += [
@@ -97,7 +112,8 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
             "| history images | " + " | ".join(str(k) for k in ks) + " |",
             "|---|" + "---|" * len(ks),
         ]
-        for mode, label in SWEEP_LABELS.items():
+        for mode in sweep_modes(sweep):
+            label = sweep_label(mode)
             if mode in sweep:
                 cells = [
                     f"{sweep[mode][str(k)]['alignment']:.3f} ({sweep[mode][str(k)]['distance']:.3f})"
@@ -107,7 +123,8 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
                 ]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for mode, label in SWEEP_LABELS.items():
+        for mode in sweep_modes(sweep):
+            label = sweep_label(mode)
             if mode in sweep:
                 got = sorted(int(k) for k in sweep[mode])
                 axes[0].plot(got, [sweep[mode][str(k)]["alignment"] for k in got], marker="o", label=label)
@@ -176,6 +193,35 @@ def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
     return float(d.mean()), float(half)
 
 
+def user_bootstrap(per_user: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean and 95 % percentile interval, resampling users (a user's prompts share one fit: not independent)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    v = torch.tensor(per_user, dtype=torch.float64)
+    idx = torch.randint(0, len(per_user), (draws, len(per_user)), generator=g)
+    means = v[idx].mean(dim=1)
+    return float(v.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+
+
+def per_user(values: list[float], counts: list[int]) -> list[float]:
+    """Each user's mean over its prompts (values are in user order, counts[i] prompts each)."""
+    out, i = [], 0
+    for n in counts:
+        out.append(sum(values[i : i + n]) / n)
+        i += n
+    return out
+
+
+def _versus_users(a: list[float], b: list[float], prompts_per_user: int) -> str:
+    """a - b with its 95 % interval from a bootstrap over users (each user's prompts averaged first)."""
+    users = len(a) // prompts_per_user
+    d = per_user([x - y for x, y in zip(a, b)], [prompts_per_user] * users)
+    mean, lo, hi = user_bootstrap(d)
+    verdict = "within noise" if lo <= 0 <= hi else ("higher" if mean > 0 else "lower")
+    return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] over {users} users ({verdict})"
+
+
 def _versus(a: list[float], b: list[float]) -> str:
     d, half = paired_difference(a, b)
     verdict = "within noise" if abs(d) <= half else ("higher" if d > 0 else "lower")
@@ -186,6 +232,7 @@ def findings(
     rows: dict[str, dict[str, float]],
     sweep: dict[str, dict[str, dict[str, float]]],
     pairs: dict[str, list[float]] | None = None,
+    prompts_per_user: int | None = None,
 ) -> list[str]:
     """Plain-words reading of the numbers, whichever way they go (written with the table, never by hand).
 
@@ -229,6 +276,11 @@ def findings(
     comparisons = (
         ("coefficients", "direct", "linear combination minus direct", ""),
         ("fast", "coefficients", "fast fit minus full linear combination", ", onboarding"),
+        *(
+            (m, "coefficients", f"LoRA rank {m[len('lora-r') :]} minus Premier's linear combination", ", baseline")
+            for m in sweep_modes(sweep)
+            if m.startswith("lora-r")
+        ),
     )
     for a, b, reading, prefix in comparisons:
         if a not in sweep or b not in sweep:
@@ -237,8 +289,21 @@ def findings(
             x, y = sweep[a][k]["alignment"], sweep[b][k]["alignment"]
             keys = (f"sweep-{a}-{k}", f"sweep-{b}-{k}")
             diff = _versus(pairs[keys[0]], pairs[keys[1]]) if all(key in pairs for key in keys) else f"{x - y:+.3f}"
+            if prompts_per_user and all(key in pairs for key in keys) and len(pairs[keys[0]]) >= 2 * prompts_per_user:
+                diff += "; by users: " + _versus_users(pairs[keys[0]], pairs[keys[1]], prompts_per_user)
             out.append(f"- {k} history images{prefix}: {reading} {diff} ({x:.3f} vs {y:.3f}).")
     return out
 
 
-__all__ = ["LABELS", "SWEEP_LABELS", "START_LABEL", "findings", "paired_difference", "write_report"]
+__all__ = [
+    "LABELS",
+    "SWEEP_LABELS",
+    "START_LABEL",
+    "findings",
+    "paired_difference",
+    "per_user",
+    "sweep_label",
+    "sweep_modes",
+    "user_bootstrap",
+    "write_report",
+]

@@ -106,6 +106,10 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
                 str(docs),
                 "--variants",
                 "premier,no_ppm",
+                "--baseline",
+                "lora",
+                "--lora-ranks",
+                "2",
                 "--quiet",
                 "--threads",
                 "1",
@@ -115,7 +119,17 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
     )
     out = capsys.readouterr().out
     assert "eval: premier from the cache" in out and "eval: sweep-direct-2-users1 from the cache" in out
-    assert "results reused from earlier runs' cache" in (docs / "eval.md").read_text()
+    report = (docs / "eval.md").read_text()
+    assert "results reused from earlier runs' cache" in report
+    # The LoRA baseline's rows: the same users, prompts and seeds, with what each user costs.
+    results = json.loads((docs / "eval.json").read_text())
+    lora = results["sweep"]["lora-r2"]
+    assert set(lora) == {"1", "2"} and "per-user LoRA, rank 2" in report
+    assert "baseline: LoRA rank 2 minus Premier's linear combination" in report
+    for row in lora.values():
+        assert 0 <= row["alignment"] <= 1 and row["fit_seconds"] > 0 and row["fit_steps"] >= 1
+        assert row["parameters_per_user"] > 0 and row["bytes_on_disk_per_user"] > 4 * row["parameters_per_user"] // 2
+    assert len(results["pairs"]["sweep-lora-r2-1"]) == 2
 
 
 @pytest.mark.parametrize(
@@ -123,6 +137,7 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
     [
         (["eval", "--variants", "premier,bogus"], "unknown bogus"),
         (["eval", "--history", "99"], "history sizes must be in"),
+        (["eval", "--baseline", "lora", "--lora-ranks", "999"], "rank: must be an integer in [1, 256], got 999"),
         (["world", "build", "--only", "data,nope"], "unknown step(s) nope"),
         (["world", "validate-probe", "--world", "/nonexistent/world"], "does not exist"),
     ],
@@ -184,3 +199,25 @@ def test_paired_difference_and_its_reading():
         "w/o PPM (empty prompt into the adapters) vs full Premier: alignment +0.000 ± " in text
         and "(within noise)" in text
     )
+
+
+def test_sweep_comparisons_carry_an_interval_over_users():
+    """A baseline's sweep row against Premier's: the paired difference, and its bootstrap over users (a user's
+    prompts share one fit), which is wide when one user carries the difference."""
+    from premier.world.report import findings, user_bootstrap
+
+    lc = [0.5] * 6  # 3 users x 2 prompts
+    lora = [0.9, 0.9, 0.5, 0.5, 0.5, 0.5]  # only the first user differs
+    sweep = {m: {"1": {"alignment": sum(v) / 6, "distance": 0.5}} for m, v in (("coefficients", lc), ("lora-r4", lora))}
+    text = "\n".join(
+        findings(
+            {"base": {"alignment": 0.4, "text": 0.5, "distance": 0.5}},
+            sweep,
+            {"sweep-coefficients-1": lc, "sweep-lora-r4-1": lora},
+            prompts_per_user=2,
+        )
+    )
+    assert "1 history images, baseline: LoRA rank 4 minus Premier's linear combination +0.133" in text
+    assert "by users: +0.133 [+0.000, +0.400] over 3 users" in text
+    mean, lo, hi = user_bootstrap([0.1, 0.1, 0.1])
+    assert mean == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
