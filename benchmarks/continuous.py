@@ -40,17 +40,12 @@ FULL = dict(models=["embedded", "mid"], loads=[0.5, 0.8, 1.0], requests=48, satu
 QUICK = dict(models=["embedded"], loads=[0.5, 1.0], requests=8, saturation_requests=6, max_batch_size=4)
 
 
-def build_pipe(model: str):
-    """(pipeline, the two resolutions of the mix)."""
-    from premier.models.embedded import EmbeddedSpec, build_embedded_flux, build_embedded_premier
-    from premier.models.loading import profile_for
-    from premier.pipeline import PremierPipeline
+def model_spec(model: str):
+    """The random-weight FLUX-architecture sizes the benchmarks use besides the embedded model: 'mid' (~36M
+    transformer parameters, 64x64 images) and 'flux-dev' (FLUX.1-dev's shapes)."""
+    from premier.models.embedded import EmbeddedSpec
 
-    if model == "embedded":
-        pipe = PremierPipeline.load()
-        size = pipe.profile.default_size
-        return pipe, (size, size + size // 2)
-    specs = {
+    return {
         "mid": EmbeddedSpec(
             num_layers=2,
             num_single_layers=4,
@@ -75,8 +70,20 @@ def build_pipe(model: str):
             codec_factor=8,
             adapter_width=1024,
         ),
-    }
-    spec = specs[model]
+    }[model]
+
+
+def build_pipe(model: str):
+    """(pipeline, the two resolutions of the mix)."""
+    from premier.models.embedded import build_embedded_flux, build_embedded_premier
+    from premier.models.loading import profile_for
+    from premier.pipeline import PremierPipeline
+
+    if model == "embedded":
+        pipe = PremierPipeline.load()
+        size = pipe.profile.default_size
+        return pipe, (size, size + size // 2)
+    spec = model_spec(model)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     flux = build_embedded_flux(spec=spec, weights=None).to(device=device, dtype=dtype)

@@ -52,23 +52,12 @@ def percentile(values: list[float], q: float) -> float:
 
 def flux_dev_sizes() -> dict[str, Any]:
     """Per-user parameters and bf16 bytes at FLUX.1-dev size (a meta-device model: no memory, no weights)."""
+    from benchmarks.continuous import model_spec
     from premier.config import PremierConfig
     from premier.lora import lora_parameters
-    from premier.models.embedded import EmbeddedSpec, build_embedded_transformer
+    from premier.models.embedded import build_embedded_transformer
 
-    spec = EmbeddedSpec(
-        num_layers=19,
-        num_single_layers=38,
-        num_attention_heads=24,
-        attention_head_dim=128,
-        axes_dims_rope=(16, 56, 56),
-        text_dim=4096,
-        pooled_dim=768,
-        max_sequence_length=512,
-        image_size=1024,
-        codec_factor=8,
-        adapter_width=1024,
-    )
+    spec = model_spec("flux-dev")
     with torch.device("meta"):
         flux = build_embedded_transformer(spec)
     n, u = PremierConfig().user_shape
@@ -168,22 +157,20 @@ def mixed(pipe, bank, users: list[str], requests, settings) -> Run:
 
 
 def serial(pipe, bank, users: list[str], requests, settings) -> Run:
-    def run() -> list[float]:
-        start, done = time.perf_counter(), []
-        for user, req in zip(users, requests):
-            bank.activate(user)
-            pipe([req], settings, output_type="np")
-            done.append(time.perf_counter() - start)
-        return done
-
-    return run
+    return one_at_a_time(pipe, [lambda u=u: bank.activate(u) for u in users], requests, settings)
 
 
 def hotswap(pipe, slot, states: list[dict[str, torch.Tensor]], requests, settings) -> Run:
+    return one_at_a_time(pipe, [lambda st=st: slot.swap(st) for st in states], requests, settings)
+
+
+def one_at_a_time(pipe, switch: list[Callable[[], None]], requests, settings) -> Run:
+    """Request i after switching to its user (`switch[i]`); each finishes when its own forward does."""
+
     def run() -> list[float]:
         start, done = time.perf_counter(), []
-        for state, req in zip(states, requests):
-            slot.swap(state)
+        for before, req in zip(switch, requests):
+            before()
             pipe([req], settings, output_type="np")
             done.append(time.perf_counter() - start)
         return done

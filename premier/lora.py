@@ -28,7 +28,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from premier.errors import InvalidRequestError
 from premier.training.config import Stage2Config
-from premier.training.fit_loop import rows, run_fit_loop, split_holdout
+from premier.training.fit_loop import fit_summary, rows, run_fit_loop, split_holdout
 from premier.training.objective import FixedDrawLoss, FlowObjective
 from premier.training.prepared import Batch
 from premier.transformer import PremierTransformer
@@ -172,22 +172,11 @@ def fit_lora(
             flux.set_adapters(before)
         else:  # no other adapter: the projections become plain Linear layers again
             flux.unload_lora()
-    o = config.optim
     fit = {
         "kind": "lora",
         "rank": rank,
-        "images": n,
-        "train_images": len(train),
+        **fit_summary(loop, n, train, config),
         "held_out_image": held[0] if held else None,
-        "steps": loop.steps,
-        "stopped_early": loop.stopped_early,
-        "final_loss": loop.final_loss,
-        "held_out_loss": loop.held_out_loss,
-        "initial_held_out_loss": loop.initial_held_out_loss,
-        "seconds": loop.seconds,
-        "seed": config.seed,
-        "optimizer": o.optimizer,
-        "lr": o.lr,
     }
     return LoraFit(user_id, rank, loop.best, fit, loop.history)
 

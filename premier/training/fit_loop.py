@@ -34,6 +34,23 @@ class LoopResult:
     history: list[dict[str, Any]] = field(default_factory=list)  # {"step", "loss"} and {"step", "held_out"}
 
 
+def fit_summary(loop: LoopResult, n: int, train: list[int], config: Stage2Config) -> dict[str, Any]:
+    """The fit facts a user record (or a LoRA's) keeps, whatever was fitted."""
+    return {
+        "images": n,
+        "train_images": len(train),
+        "steps": loop.steps,
+        "stopped_early": loop.stopped_early,
+        "final_loss": loop.final_loss,
+        "held_out_loss": loop.held_out_loss,
+        "initial_held_out_loss": loop.initial_held_out_loss,
+        "seconds": loop.seconds,
+        "seed": config.seed,
+        "optimizer": config.optim.optimizer,
+        "lr": config.optim.lr,
+    }
+
+
 def split_holdout(n: int, config: Stage2Config, generator: torch.Generator) -> tuple[list[int], list[int]]:
     """(training rows, held-out rows): one image, chosen by the seed, is held out from `holdout_min_images` up."""
     order = torch.randperm(n, generator=generator).tolist()
@@ -119,4 +136,4 @@ def run_fit_loop(
     )
 
 
-__all__ = ["LoopResult", "rows", "run_fit_loop", "split_holdout"]
+__all__ = ["LoopResult", "fit_summary", "rows", "run_fit_loop", "split_holdout"]

@@ -22,7 +22,7 @@ from diffusers import FluxTransformer2DModel
 from premier.checkpoint import PremierModel
 from premier.errors import InvalidRequestError
 from premier.training.config import Stage2Config
-from premier.training.fit_loop import rows, run_fit_loop, split_holdout
+from premier.training.fit_loop import fit_summary, rows, run_fit_loop, split_holdout
 from premier.training.objective import FixedDrawLoss, FlowObjective
 from premier.training.prepared import Batch
 from premier.user_record import UserRecord
@@ -97,22 +97,11 @@ def fit_user(
         progress=progress,
     )
     value = loop.best
-    o = config.optim
     fit = {
         "mode": config.mode,
-        "images": n,
-        "train_images": len(train),
+        **fit_summary(loop, n, train, config),
         "held_out_image": (files[held[0]] if files else held[0]) if held else None,
         "files": files or [],
-        "steps": loop.steps,
-        "stopped_early": loop.stopped_early,
-        "final_loss": loop.final_loss,
-        "held_out_loss": loop.held_out_loss,
-        "initial_held_out_loss": loop.initial_held_out_loss,
-        "seconds": loop.seconds,
-        "seed": config.seed,
-        "optimizer": o.optimizer,
-        "lr": o.lr,
     }
     vector = value.cpu() if config.mode == "coefficients" else value.cpu().reshape(premier.config.user_shape)
     record = UserRecord(user_id, config.mode, vector, checkpoint_id, fit)  # type: ignore[arg-type]
