@@ -62,7 +62,15 @@ def run(cfg: dict[str, Any], world: str | None, log=print) -> dict[str, Any]:
             samples = encode_user(ev.encoder, user, cfg["images"])
             fits: dict[str, Any] = {}
             for mode, name in (("coefficients", "premier-lc"), ("direct", "premier-direct")):
-                r = fit_user(ev.flux_pipe.transformer, premier, ckpt, samples, user.user_id, replace(config, mode=mode))
+                r = fit_user(
+                    ev.flux_pipe.transformer,
+                    premier,
+                    ckpt,
+                    samples,
+                    user.user_id,
+                    replace(config, mode=mode),
+                    progress=False,
+                )
                 size = r.record.vector.numel()
                 fits[name] = {"curve": curves(r.history), "seconds": r.record.fit["seconds"], "parameters": size}
             for rank in cfg["ranks"]:
