@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -257,6 +258,19 @@ def _split_key(key: str) -> tuple[str | None, str | None]:
 
 
 # ---------------------------------------------------------------------- serving many LoRA users
+@contextlib.contextmanager
+def _transformer_only() -> Iterator[None]:
+    """`load_lora_weights` also looks for text-encoder LoRA and logs a warning per load when there is none,
+    which a file of transformer LoRA never has: that one notice is silenced while loading."""
+    log = logging.getLogger("diffusers.loaders.lora_base")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def lora_tensors(
     source: str | Path | dict[str, torch.Tensor], transformer: FluxTransformer2DModel, rank: int
 ) -> dict[str, torch.Tensor]:
@@ -276,12 +290,14 @@ class LoraSlot:
         check_rank(rank)
         self.flux_pipe, self.rank = flux_pipe, rank
         flux_pipe.enable_lora_hotswap(target_rank=rank)
-        flux_pipe.load_lora_weights(lora_tensors(first, flux_pipe.transformer, rank), adapter_name=self.NAME)
+        with _transformer_only():
+            flux_pipe.load_lora_weights(lora_tensors(first, flux_pipe.transformer, rank), adapter_name=self.NAME)
 
     def swap(self, source: str | Path | dict[str, torch.Tensor]) -> None:
-        self.flux_pipe.load_lora_weights(
-            lora_tensors(source, self.flux_pipe.transformer, self.rank), adapter_name=self.NAME, hotswap=True
-        )
+        with _transformer_only():
+            self.flux_pipe.load_lora_weights(
+                lora_tensors(source, self.flux_pipe.transformer, self.rank), adapter_name=self.NAME, hotswap=True
+            )
 
 
 class LoraBank:
@@ -300,7 +316,7 @@ class LoraBank:
         """Load the adapter of `user_id` (a file is checked first by `read_lora`)."""
         if user_id in self.users:
             raise InvalidRequestError("lora", f"user {user_id!r} already has an adapter here")
-        with warnings.catch_warnings():  # many adapters on one model is what a bank is for
+        with warnings.catch_warnings(), _transformer_only():  # many adapters on one model is what a bank is for
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             self.flux_pipe.load_lora_weights(
                 lora_tensors(source, self.transformer, self.rank), adapter_name=adapter_name(user_id)
