@@ -28,6 +28,20 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def ray_environment() -> None:
+    """Ray settings of a server's cluster, where the operator has not set them (a local cluster inherits them)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth by default
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Ray starts its worker processes (Serve's proxy and controller, the ingress, the generators) at nice 15, so
+    # any other busy process on the machine starves them: under `stress-ng --cpu 2` a proxy took 66 s to start.
+    # The server's processes are the machine's work: normal priority.
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    # On a busy machine a starting proxy answers Serve's 5 s readiness check late, is declared unhealthy
+    # three times in a row and killed, again and again: give it time.
+    for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
+        os.environ.setdefault(name, str(PROXY_CHECK_TIMEOUT_S))
+
+
 class ServerSession:
     """Context manager: start on enter (ports 0 become free ports), stop on exit (idempotent)."""
 
@@ -87,12 +101,7 @@ class ServerSession:
         self.stop()
 
     def start(self) -> None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # Ray 2.60 enables token auth by default
-        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        # On a busy machine a starting proxy answers Serve's 5 s readiness check late, is declared unhealthy
-        # three times in a row and killed, again and again: give it time (a local cluster inherits these).
-        for name in ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S"):
-            os.environ.setdefault(name, str(PROXY_CHECK_TIMEOUT_S))
+        ray_environment()
         import ray
         from ray import serve
 

@@ -7,6 +7,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+# Ray's workers run at nice 15 by default: on a busy machine (CI beside other jobs) they starve (serving/server.py)
+os.environ.setdefault("RAY_worker_niceness", "0")
 
 import pytest
 import torch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -104,6 +105,34 @@ def test_health_is_open_and_everything_else_needs_the_key(server):
             r = requests.request(method, url + path, headers=headers, json={"prompt": "p"}, timeout=10)
             assert r.status_code == 401, (method, path, r.status_code, r.text)
             assert "API key" in r.json()["error"] and r.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_the_servers_ray_processes_run_at_normal_priority(server):
+    """Ray's default nice 15 would let any busy process on the machine starve the proxy and the generators."""
+    from pathlib import Path
+
+    found = {}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().decode(errors="replace") if proc.name.isdigit() else ""
+            for role in ("Generator", "Ingress", "ProxyActor", "ServeController"):
+                if role in cmdline and "ray::" in cmdline:
+                    found.setdefault(role, []).append(os.getpriority(os.PRIO_PROCESS, int(proc.name)))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    assert {"Generator", "Ingress"} <= set(found), found
+    assert all(nice == 0 for values in found.values() for nice in values), found
+
+
+def test_a_servers_cluster_runs_ray_workers_at_normal_priority_unless_told(monkeypatch):
+    from serving.server import ray_environment
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    ray_environment()
+    assert os.environ["RAY_worker_niceness"] == "0"
+    monkeypatch.setenv("RAY_worker_niceness", "5")  # an operator's choice stands
+    ray_environment()
+    assert os.environ["RAY_worker_niceness"] == "5"
 
 
 def test_openapi_documents_every_route(server, auth):
