@@ -134,7 +134,7 @@ def run_config(name: str, steps: int, repeats: int, image_counts: list[int], bas
     k_default = 64
     premier = premier_model(cfg, k_default)
     data = samples(m, 8)
-    no_holdout = dict(holdout_min_images=10_000)
+    no_holdout = dict(early_stop=False)
 
     # Baseline: the same transformer's plain forward at batch 2, no gradients, same run.
     from diffusers import FluxPipeline
@@ -156,7 +156,12 @@ def run_config(name: str, steps: int, repeats: int, image_counts: list[int], bas
     fit_speed = fit_seconds_per_step(m, premier, data, steps, fits=FIT_REPEATS, **no_holdout)
     direct = fit_seconds_per_step(m, premier, data, steps, fits=FIT_REPEATS, mode="direct", **no_holdout)
     by_images = [
-        dict(images=n, **fit_seconds_per_step(m, premier, samples(m, n), steps, eval_every=10, holdout_min_images=4))
+        dict(
+            images=n,
+            **fit_seconds_per_step(
+                m, premier, samples(m, n), steps, eval_every=10, early_stop=True, holdout_min_images=4
+            ),
+        )
         for n in image_counts
     ]
     by_basis = [

@@ -55,7 +55,12 @@ def run(cfg: dict[str, Any], world: str | None, log=print) -> dict[str, Any]:
         ev = Evaluator(world or ASSETS, tmp, EvalConfig(test_users=cfg["users"], sweep_users=1), log=log)
         premier, ckpt = ev.checkpoint("premier")
         config = replace(
-            ev.stage2, steps=cfg["steps"], eval_every=cfg["eval_every"], holdout_min_images=2, patience=10**9
+            ev.stage2,
+            steps=cfg["steps"],
+            eval_every=cfg["eval_every"],
+            early_stop=True,
+            holdout_min_images=2,
+            patience=10**9,
         )
         users = []
         for user in ev.users:

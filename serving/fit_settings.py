@@ -156,6 +156,13 @@ class FitSettings(BaseModel):
     batch_size: int = Field(2, ge=1)
     eval_every: int = Field(50, ge=1)
     patience: int = Field(10, ge=1)
+    early_stop: bool = Field(
+        False,
+        description="hold one image out and stop when its loss stops improving (default: all `steps`, the paper's)",
+    )
+    init: Literal["scratch", "mean"] | None = Field(
+        None, description="where a direct-mode fit starts (default: scratch, the paper's; mean: the mean training user)"
+    )
     resolution: int | None = Field(
         None, ge=16, description="square training resolution (default: 32 embedded, 512 FLUX)"
     )
@@ -217,6 +224,8 @@ class FitSettings(BaseModel):
             "batch_size",
             "eval_every",
             "patience",
+            "early_stop",
+            "init",
             "resolution",
             "precision",
             "seed",
@@ -241,6 +250,8 @@ class FitSettings(BaseModel):
             "batch_size": self.batch_size,
             "eval_every": self.eval_every,
             "patience": self.patience,
+            "early_stop": self.early_stop,
+            "init": self.init,
             "optim": OptimConfig(**{"weight_decay": 0.0, **optim}),
         }
 

@@ -121,8 +121,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=["coefficients", "direct"], default="coefficients")
     p.add_argument("--steps", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=50, help="held-out evaluation interval in steps")
+    p.add_argument(
+        "--early-stop",
+        action="store_true",
+        help="hold one image out (from 4 images) and stop when its loss stops improving (default: all --steps, "
+        "as the paper fits)",
+    )
+    p.add_argument("--eval-every", type=int, default=50, help="held-out evaluation interval in steps (--early-stop)")
     p.add_argument("--patience", type=int, default=10, help="evaluations without improvement before stopping")
+    p.add_argument(
+        "--init",
+        choices=["scratch", "mean"],
+        help="where --mode direct starts: scratch (default, the paper's direct baseline) or the mean training user",
+    )
     p.add_argument("--resolution", type=int, help="square resolution in pixels (default: 32 embedded, 512 FLUX)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
@@ -342,6 +353,8 @@ def cmd_fit_user(args: argparse.Namespace) -> int:
             "batch_size",
             "eval_every",
             "patience",
+            "early_stop",
+            "init",
             "resolution",
             "precision",
             "seed",

@@ -45,7 +45,9 @@ class Stage1Config:
     lambda_shared: float = 0.1
     lambda_distinct: float = 0.1
     tau: float = 1.0
-    dispersion_scale: str = "dim"  # what squared distances are divided by: dim | mean | none (losses.dispersion_loss)
+    dispersion_scale: str = (
+        "dim"  # the dispersion form: dim (the paper's) | diag | mean | none (losses.dispersion_loss)
+    )
     timestep_sampling: str = "logit_normal"
     logit_mean: float = 1.0
     logit_std: float = 1.0
@@ -106,7 +108,14 @@ class Stage2Config:
     mode: str = "coefficients"  # or "direct"
     steps: int = 5000
     batch_size: int = 2
-    holdout_min_images: int = 4  # hold one image out for early stopping when a user has at least this many
+    # the paper's stage 2 runs a fixed number of steps; `early_stop` holds one image out (from `holdout_min_images`
+    # images up) and keeps the parameters that score best on it, stopping after `patience` evaluations without gain
+    early_stop: bool = False
+    holdout_min_images: int = 4
+    # where direct mode starts: "scratch", drawn as a stage-1 user was (the paper's direct baseline), or "mean", the
+    # mean training user (the uniform mix that linear combination starts from); None: the mode's default (direct:
+    # scratch). Linear combination always starts from the uniform mix.
+    init: str | None = None
     eval_every: int = 50
     patience: int = 10  # evaluations without improvement before stopping
     eval_samples: int = 8  # fixed (t, noise) draws per held-out image
@@ -138,6 +147,8 @@ class Stage2Config:
             warm_start=4,
             warm_examples=1,
             min_delta=5e-3,
+            early_stop=True,
+            init="mean",
             optim=OptimConfig("adamw", lr=0.02, weight_decay=0.0),
         )
         values.update(overrides)
@@ -152,6 +163,14 @@ class Stage2Config:
             raise InvalidRequestError(
                 "warm_start", "warm_start >= 0, warm_examples >= 1, warm_candidates >= 1 and 0 <= min_delta < 1"
             )
+        if self.init not in (None, "scratch", "mean"):
+            raise InvalidRequestError("init", f"must be 'scratch' or 'mean', got {self.init!r}")
+        if self.init == "scratch" and self.mode == "coefficients":
+            raise InvalidRequestError(
+                "init", "linear combination starts from the uniform mix; 'scratch' applies to direct mode only"
+            )
+        if not isinstance(self.early_stop, bool):
+            raise InvalidRequestError("early_stop", f"must be true or false, got {self.early_stop!r}")
         if self.holdout_min_images < 2:
             raise InvalidRequestError("holdout_min_images", "must be at least 2 (one image is always kept for fitting)")
         if self.timestep_sampling not in TIMESTEP_SCHEMES:
@@ -159,6 +178,11 @@ class Stage2Config:
         if self.precision not in PRECISIONS:
             raise InvalidRequestError("precision", f"must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self.optim.check()
+
+    @property
+    def direct_init(self) -> str:
+        """Where direct mode starts ("scratch" unless `init` says "mean")."""
+        return self.init or "scratch"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -52,9 +52,10 @@ def fit_summary(loop: LoopResult, n: int, train: list[int], config: Stage2Config
 
 
 def split_holdout(n: int, config: Stage2Config, generator: torch.Generator) -> tuple[list[int], list[int]]:
-    """(training rows, held-out rows): one image, chosen by the seed, is held out from `holdout_min_images` up."""
+    """(training rows, held-out rows): with `early_stop`, one image, chosen by the seed, is held out from
+    `holdout_min_images` up. The permutation is drawn either way, so the step draws that follow are the same."""
     order = torch.randperm(n, generator=generator).tolist()
-    held = [order[0]] if n >= config.holdout_min_images else []
+    held = [order[0]] if config.early_stop and n >= config.holdout_min_images else []
     return sorted(order[1:] if held else order), held
 
 

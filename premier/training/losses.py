@@ -36,25 +36,29 @@ def flow_matching_loss(pred: torch.Tensor, target: torch.Tensor, reduction: str 
     return F.mse_loss(pred.float(), target.float())
 
 
-DISPERSION_SCALES = ("dim", "mean", "none")
+DISPERSION_SCALES = ("dim", "diag", "mean", "none")
+"""The dispersion forms (`Stage1Config.dispersion_scale`); see `dispersion_loss` for each formula."""
 
 
 def dispersion_loss(z: torch.Tensor, tau: float = 1.0, scale: str = "dim") -> torch.Tensor:
-    """InfoNCE-L2 dispersion ("Diffuse and Disperse") over M >= 2 rows of z (M, ...):
+    """InfoNCE-L2 dispersion ("Diffuse and Disperse") over M >= 2 rows z_i of z (M, ...), D features each.
+    Minimising it pushes users apart; computed with logsumexp. The forms:
 
-        log( 1/(M(M-1)) * sum_{i != j} exp(-||z_i - z_j||^2 / (s * tau)) )
-
-    computed with logsumexp. Minimising it pushes users apart; it is <= 0 and reaches 0 when every
-    row is equal. The scale s of the squared distances:
-
-    - `dim`: the feature dimension, as the Diffuse-and-Disperse code does, so tau means the same for
-      the small shared adapter output and the n_blocks-times larger distinct one. The loss is
-      unbounded below: scaling every output up lowers it without making users any more different,
-      and in the synthetic world that inflated the adapters' deltas until they hurt the flow-matching
-      loss (docs/world.md);
-    - `mean`: the mean squared distance over the pairs (not detached), which makes the loss invariant
-      to a common scale of the outputs, so it can only spread users relative to each other; bounded;
-    - `none`: raw squared distances.
+    - `dim`, the paper's (DESIGN section 1):
+          log( 1/(M(M-1)) * sum_{i != j} exp(-||z_i - z_j||^2 / (D tau)) )
+      <= 0, and 0 when every row is equal. Unbounded below: scaling every output up lowers it without
+      making users any more different; in the synthetic world that inflated the adapters' deltas until
+      they hurt the flow-matching loss (docs/world.md);
+    - `diag`, the Diffuse-and-Disperse release's: the same over all M^2 pairs, the diagonal's zero
+      distances included,
+          log( 1/M^2 * sum_{i, j} exp(-||z_i - z_j||^2 / (D tau)) )
+      so the sum is at least M and the loss at least -log M: pushing users apart pays less and less
+      once they are a few sqrt(D tau) apart;
+    - `mean`: the `dim` form with the squared distances divided by their mean over the pairs (not
+      detached) instead of D. Invariant to a common scale of the outputs and bounded, but so is its
+      minimum: any configuration with equal pairwise distances reaches it, at any scale, including
+      users that differ by almost nothing. A substitute, not the paper's term;
+    - `none`: the `dim` form on raw squared distances.
     """
     if scale not in DISPERSION_SCALES:
         raise ValueError(f"scale must be one of {', '.join(DISPERSION_SCALES)}, got {scale!r}")
@@ -62,8 +66,10 @@ def dispersion_loss(z: torch.Tensor, tau: float = 1.0, scale: str = "dim") -> to
     if m < 2:
         raise ValueError("the dispersion loss needs at least two users")
     flat = z.reshape(m, -1).float()
-    off = ~torch.eye(m, dtype=torch.bool, device=z.device)
-    d2 = pairwise_sq_distances(flat)[off]
+    d2 = pairwise_sq_distances(flat)
+    if scale == "diag":
+        return torch.logsumexp((-d2 / (flat.shape[1] * tau)).flatten(), dim=0) - 2 * math.log(m)
+    d2 = d2[~torch.eye(m, dtype=torch.bool, device=z.device)]
     if scale == "dim":
         d2 = d2 / flat.shape[1]
     elif scale == "mean":
@@ -75,7 +81,8 @@ def pairwise_sq_distances(flat: torch.Tensor) -> torch.Tensor:
     """||z_i - z_j||^2 from the Gram matrix: O(M^2) memory, unlike differences (M^2 x F), and no
     square root, so the gradient stays finite where two users coincide (cdist's is not)."""
     sq = flat.pow(2).sum(-1)
-    return (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * flat @ flat.T).clamp_min(0)
+    d2 = (sq.unsqueeze(0) + sq.unsqueeze(1) - 2 * flat @ flat.T).clamp_min(0)
+    return d2.masked_fill(torch.eye(len(flat), dtype=torch.bool, device=flat.device), 0.0)  # exact, not rounded
 
 
 def mean_pairwise_distance(z: torch.Tensor) -> float:

@@ -11,9 +11,10 @@ changing the others' trajectories (up to fp32 reduction order in the batched mat
 Against `premier.training.stage2.fit_user` (the reference loop, kept as is) a slot also:
 - starts warm (`Stage2Config.warm_start` > 0, `warm_start.py`): from the training users whose
   embeddings give the user's images the lowest loss, instead of the uniform mix;
-- stops on convergence for any number of images: on the held-out image's fixed-draw loss when it
-  has `holdout_min_images`, else on the training images' fixed-draw loss (the reference loop runs
-  all `steps` there), once it has not improved by `min_delta` (relative) in `patience` evaluations;
+- stops on convergence for any number of images: on the held-out image's fixed-draw loss with
+  `early_stop` and `holdout_min_images`, else on the training images' fixed-draw loss (the
+  reference loop runs all `steps` there), once it has not improved by `min_delta` (relative) in
+  `patience` evaluations;
 - reports progress (step, loss, best monitored loss, expected seconds left) to a callback.
 """
 
@@ -118,7 +119,7 @@ class MultiUserFitter:
             raise InvalidRequestError("images", "no usable images to fit the user on")
         g = torch.Generator("cpu").manual_seed(config.seed)
         train, held = split_holdout(n, config, g)  # the reference loop's split, from the same seed
-        params = UserParameters(self.basis, config.mode)
+        params = UserParameters(self.basis, config, self.premier.config.user_init_range)
         warm: dict[str, Any] = {}
         if config.warm_start > 0:
             value, warm = warm_start_value(self.objective, rows(samples, train), self.basis, config, chunk=64)
@@ -263,6 +264,7 @@ class MultiUserFitter:
         c = s.config
         fit = {
             "mode": c.mode,
+            **({"init": c.direct_init} if c.mode == "direct" and not s.warm else {}),
             "images": int(s.samples.latents.shape[0]),
             "train_images": len(s.train),
             "held_out_image": (s.files[s.held[0]] if s.files else s.held[0]) if s.held else None,

@@ -2,12 +2,14 @@
 
 Linear-combination mode (the default) learns K coefficients over the stage-1 users,
 E_new = sum_k c_k E_k, starting from the uniform mix c_k = 1/K (the centre of the training
-users). Direct mode learns E_new itself, starting from the mean training embedding (the same
-point), which the paper finds better from about 16 images up.
+users). Direct mode learns E_new itself, which the paper finds better from about 16 images up;
+as the paper's baseline it starts from scratch (drawn as a stage-1 user was), or with
+`init="mean"` from the mean training embedding (the point linear combination starts from).
 
-With `holdout_min_images` or more images one image (chosen by the seed) is held out; its
-flow-matching loss at fixed (t, noise) draws is evaluated every `eval_every` steps, the best
-parameters are kept and fitting stops after `patience` evaluations without improvement.
+As in the paper, a fit runs `steps` steps. With `early_stop` and `holdout_min_images` or more
+images one image (chosen by the seed) is held out; its flow-matching loss at fixed (t, noise)
+draws is evaluated every `eval_every` steps, the best parameters are kept and fitting stops
+after `patience` evaluations without improvement.
 """
 
 from __future__ import annotations
@@ -38,12 +40,18 @@ class FitResult:
 class UserParameters(nn.Module):
     """The only trainable tensor of stage 2, and how it becomes user tokens (N, U)."""
 
-    def __init__(self, basis: torch.Tensor, mode: str):
+    def __init__(self, basis: torch.Tensor, config: Stage2Config, init_range: float):
         super().__init__()
-        self.mode = mode
+        self.mode = config.mode
         self.register_buffer("basis", basis.detach(), persistent=False)
         k = basis.shape[0]
-        init = torch.full((k,), 1.0 / k) if mode == "coefficients" else basis.mean(0)
+        if self.mode == "coefficients":
+            init = torch.full((k,), 1.0 / k)
+        elif config.direct_init == "mean":
+            init = basis.float().mean(0)
+        else:  # scratch: what UserEmbeddingTable draws for a stage-1 user, from the fit's seed
+            g = torch.Generator("cpu").manual_seed(config.seed)
+            init = (torch.rand(basis.shape[1:], generator=g) * 2 - 1) * init_range
         self.value = nn.Parameter(init.to(basis.device, torch.float32).clone())
 
     def tokens(self) -> torch.Tensor:
@@ -74,7 +82,7 @@ def fit_user(
     if config.precision == "bf16":
         flux.to(torch.bfloat16)
     objective = FlowObjective.for_fit(flux, premier, config)
-    params = UserParameters(premier.users.weight.to(device), config.mode)
+    params = UserParameters(premier.users.weight.to(device), config, premier.config.user_init_range)
     g = torch.Generator("cpu").manual_seed(config.seed)
     train, held = split_holdout(n, config, g)
     evaluator = FixedDrawLoss(objective, rows(samples, held), config.eval_samples, config.seed + 1) if held else None
@@ -99,6 +107,7 @@ def fit_user(
     value = loop.best
     fit = {
         "mode": config.mode,
+        **({"init": config.direct_init} if config.mode == "direct" else {}),
         **fit_summary(loop, n, train, config),
         "held_out_image": (files[held[0]] if files else held[0]) if held else None,
         "files": files or [],

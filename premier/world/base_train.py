@@ -23,8 +23,7 @@ from diffusers import FluxPipeline
 from premier.errors import InvalidRequestError
 from premier.models.embedded import TRANSFORMER_DIR
 from premier.training.losses import flow_matching_loss, noisy_latents, sample_timesteps
-from premier.world.render import render_batch
-from premier.world.spec import PROMPTS, random_content, random_style
+from premier.world.spec import PROMPTS
 
 
 @dataclass(frozen=True)
@@ -112,8 +111,11 @@ def train_base(
     config: BaseTrainConfig = BaseTrainConfig(),
     max_sequence_length: int = 16,
     progress: bool = True,
+    *,
+    world: Any,
 ) -> dict[str, Any]:
-    """Train `pipe.transformer` in place; write OUT/transformer (float16 safetensors) and OUT/base_metrics.jsonl."""
+    """Train `pipe.transformer` in place on renders of `world` (a `premier.world.worlds.World`);
+    write OUT/transformer (float16 safetensors) and OUT/base_metrics.jsonl."""
     config.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,10 +139,8 @@ def train_base(
     with open(out / "base_metrics.jsonl", "w") as log:
         last = min(config.steps, config.stop_at or config.steps)
         for step in tqdm(range(last), disable=not progress, desc="base", unit="step"):
-            items = [
-                (random_content(rng), random_style(rng), int(rng.integers(2**31))) for _ in range(config.batch_size)
-            ]
-            latents = encode_pixels(pipe, render_batch(items))
+            items = world.random_items(rng, config.batch_size)
+            latents = encode_pixels(pipe, world.render_batch(items))
             text, pooled = bank.get([c.prompt for c, _, _ in items])
             t = sample_timesteps(config.batch_size, g, "logit_normal", config.logit_mean, config.logit_std)
             noise = torch.randn(latents.shape, generator=g)

@@ -45,7 +45,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     only = tuple(s for s in args.only.split(",") if s) if args.only else STEPS
-    config = BuildConfig.quick() if args.quick else BuildConfig()
+    if args.world == "v2":
+        config = BuildConfig.quick_v2() if args.quick else BuildConfig.v2()
+    else:
+        config = BuildConfig.quick() if args.quick else BuildConfig()
     record = build(args.out, args.work, config, only=only, progress=not args.quiet)
     total = sum(s["seconds"] for k, s in record["steps"].items() if k in only)
     print(f"world build: {', '.join(only)} in {total / 60:.1f} min; files in {Path(args.out).resolve()}")
@@ -57,16 +60,19 @@ def cmd_show(args: argparse.Namespace) -> int:
     import numpy as np
     from PIL import Image
 
-    from premier.world.render import render
     from premier.world.spec import ALL_CONTENTS
-    from premier.world.users import WorldConfig, demo_users, training_users
+    from premier.world.worlds import world_config, world_of
 
-    world = WorldConfig(seed=args.seed)
-    users = demo_users(world) + training_users(world)[: args.users]
+    world = world_of(world_config({"seed": args.seed}, args.world))
+    users = world.demo_users() + world.training_users()[: args.users]
     contents = [
         ALL_CONTENTS[i] for i in np.random.default_rng(args.seed).permutation(len(ALL_CONTENTS))[: args.prompts]
     ]
-    rows = [np.concatenate([render(c, u.style, seed=j) for j, c in enumerate(contents)], axis=1) for u in users]
+    # v1: the user's one style; v2: the user's taste for each prompt (its history images scatter around it)
+    style = (lambda u, c: u.style) if world.version == "v1" else (lambda u, c: u.taste.target(c))
+    rows = [
+        np.concatenate([world.render(c, style(u, c), seed=j) for j, c in enumerate(contents)], axis=1) for u in users
+    ]
     sheet = np.concatenate(rows, axis=0)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,10 +85,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from premier.world.build import PROBE_DIR
-    from premier.world.probe import WorldProbe, validate_probe
+    from premier.world.build import PROBE_DIR, read_world
+    from premier.world.worlds import load_probe, world_config, world_of
 
-    checks = validate_probe(WorldProbe.load(Path(args.world) / PROBE_DIR), pairs=args.pairs, seed=args.seed)
+    world = world_of(world_config(read_world(args.world)["config"]["world"]))
+    checks = world.validate_probe(load_probe(Path(args.world) / PROBE_DIR), pairs=args.pairs, seed=args.seed)
     print(json.dumps({k: round(v, 4) for k, v in checks.items()}, indent=1))
     ok = checks["own_style_wins"] >= 0.95 and checks["own_prompt_wins"] >= 0.95
     print("probe validation: " + ("PASS" if ok else "FAIL") + " (both pair criteria must be >= 0.95)")
@@ -145,6 +152,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--quick", action="store_true", help="tiny sizes that run in seconds (a smoke test, not a useful model)"
     )
+    p.add_argument(
+        "--world",
+        choices=["v1", "v2"],
+        default="v1",
+        help="v1 (default, shipped): discrete styles; v2: tastes as distributions over continuous factors "
+        "(docs/world.md)",
+    )
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_build)
@@ -159,6 +173,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prompts", type=_positive_int, default=6, help="prompts per row (default 6)")
     p.add_argument("--scale", type=_positive_int, default=4, help="pixel scale factor (default 4)")
     p.add_argument("--seed", type=int, default=0, help="world seed (default 0)")
+    p.add_argument("--world", choices=["v1", "v2"], default="v1", help="which world (default v1)")
     p.set_defaults(func=cmd_show)
 
     p = sub.add_parser(

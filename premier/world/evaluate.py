@@ -18,7 +18,6 @@ This module runs the evaluation; premier/world/report.py writes its report (Mark
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -31,7 +30,6 @@ import torch
 
 from premier.checkpoint import PremierModel
 from premier.errors import InvalidRequestError
-from premier.files import atomic_save_safetensors, read_safetensors
 from premier.lora import check_rank
 from premier.models.embedded import PREMIER_DIR, EmbeddedSpec, build_embedded_flux, embedded_premier_config
 from premier.models.loading import profile_for
@@ -41,13 +39,13 @@ from premier.training.config import OptimConfig, Stage1Config, Stage2Config
 from premier.training.prepared import DataEncoder, PreparedDataset
 from premier.training.stage1 import latest_checkpoint
 from premier.world.build import PROBE_DIR, read_world, stage1_dir
+from premier.world.eval_cache import RUN_SETTINGS, ResultCache, check_settings
 from premier.world.lora_rows import lora_modes, lora_sweep_row, rank_of
-from premier.world.probe import WorldProbe
-from premier.world.render import render
 from premier.world.report import write_report
 from premier.world.spec import content_of
 from premier.world.stages import VARIANTS, build_trainer, encode_user, fit, prepare, use_variant
-from premier.world.users import WorldConfig, WorldUser, held_out_users, write_training_data
+from premier.world.users import WorldUser
+from premier.world.worlds import load_probe, world_config, world_of
 
 SWEEP_MODES = ("coefficients", "direct", "fast")
 """The sweep's fits: linear combination and direct (the reference loop), and the onboarding fast fit."""
@@ -65,7 +63,7 @@ class EvalConfig:
     baselines: tuple[str, ...] = ()  # "lora": per-user LoRA rows in the sweep (premier/world/lora_rows.py)
     lora_ranks: tuple[int, ...] = (4, 16)
 
-    def check(self, world: WorldConfig) -> None:
+    def check(self, world: Any) -> None:  # a WorldConfig or WorldV2Config
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad:
             raise InvalidRequestError("variants", f"unknown {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
@@ -94,36 +92,13 @@ def stage2_from_dict(d: dict[str, Any]) -> Stage2Config:
     return Stage2Config(**{**d, "optim": OptimConfig(**optim)})
 
 
-class ResultCache:
-    """Finished rows (scores and images) under WORK/eval-cache/<key>/, so a stopped or extended eval
-    (more variants, more history sizes) redoes nothing it already did with the same settings."""
-
-    def __init__(self, folder: Path, settings: dict[str, Any]):
-        key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-        self.folder = folder / key
-
-    def get(self, name: str) -> tuple[dict[str, float], np.ndarray] | None:
-        path = self.folder / f"{name}.safetensors"
-        if not path.is_file():
-            return None
-        tensors, meta = read_safetensors(path, error=lambda m: InvalidRequestError("eval cache", m))
-        return json.loads(meta["row"]), tensors["images"].numpy()
-
-    def put(self, name: str, row: dict[str, float], images: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(
-            {"images": torch.from_numpy(np.ascontiguousarray(images))},
-            self.folder / f"{name}.safetensors",
-            metadata={"row": json.dumps(row)},
-        )
-
-
 class Evaluator:
     def __init__(self, world_dir: str | Path, work: str | Path, config: EvalConfig, progress: bool = False, log=print):
         self.world_dir, self.work = Path(world_dir), Path(work)
         self.info = read_world(self.world_dir)
         cfg = self.info["config"]
-        self.world = WorldConfig(**cfg["world"])
+        self.world = world_config(cfg["world"])
+        self.world_ops = world_of(self.world)
         self.stage1 = Stage1Config.from_dict(cfg["stage1"])
         self.stage2 = stage2_from_dict(cfg["stage2"])
         config.check(self.world)
@@ -138,8 +113,8 @@ class Evaluator:
             batch_size=64,
             storage_dtype=torch.float32,
         )
-        self.probe = WorldProbe.load(self.world_dir / PROBE_DIR)
-        self.users = held_out_users(self.world)[: config.test_users]
+        self.probe = load_probe(self.world_dir / PROBE_DIR)
+        self.users = self.world_ops.held_out_users()[: config.test_users]
         self.empty_text = self.encoder.encode_prompts([""])[0][0]
         self.requests = [(u, p) for u in self.users for p in u.test_prompts]
         self.settings = GenerationSettings(
@@ -177,17 +152,25 @@ class Evaluator:
         else:
             run = stage1_dir(self.work, variant)
             folder = latest_checkpoint(run)
+            settings = {"variant": variant, "world": self.info["config"]["world"], "stage1": self.stage1.to_dict()}
             if folder is None or int(folder.name.split("-")[-1]) < self.stage1.steps:
                 folder = self._train(variant, run)
+                (run / RUN_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
+            else:  # a finished run is reused only if it was made with these settings, whatever its step count
+                check_settings(run / RUN_SETTINGS, settings)
             model, ckpt = PremierModel.load(folder)
         return use_variant(model, variant, self.empty_text), ckpt
 
     def _train(self, variant: str, run: Path) -> Path:
         prepared = self.work / "prepared"
+        world = {"world": self.info["config"]["world"]}
         if not (prepared / "dataset.json").is_file():
             self.log(f"eval: writing and preparing the training data in {self.work}")
-            write_training_data(self.world, self.work / "raw")
+            self.world_ops.write_training_data(self.work / "raw")
             prepare(self.flux_pipe, self.work / "raw", prepared, self.spec.image_size, self.spec.max_sequence_length)
+            (prepared / RUN_SETTINGS).write_text(json.dumps(world, indent=1) + "\n")
+        else:  # the training users of another world would train a stage 1 that has nothing to do with this one
+            check_settings(prepared / RUN_SETTINGS, world)
         started = time.perf_counter()
         import shutil
 
@@ -262,9 +245,9 @@ class Evaluator:
 
     def score(self, images: np.ndarray, users: list[WorldUser], base: np.ndarray | None) -> dict[str, float]:
         pairs = [(u, p) for u in users for p in u.test_prompts]
-        styles = [u.style for u, _ in pairs]
+        styles = [u.target(p) for u, p in pairs]  # the user's taste for the prompt (v1: the user's one style)
         contents = [content_of(p) for _, p in pairs]
-        truth = np.stack([render(c, s, jitter=False) for c, s in zip(contents, styles)])
+        truth = np.stack([self.world_ops.render(c, s, jitter=False) for c, s in zip(contents, styles)])
         align = self.probe.preference_alignment(images, styles)
         row = {
             "alignment": float(align.mean()),
@@ -297,14 +280,14 @@ class Evaluator:
             "sweep": {},
         }
         users = self.users
-        truth = np.stack([render(content_of(p), u.style, jitter=False) for u, p in self.requests])
+        truth = np.stack([self.world_ops.render(content_of(p), u.target(p), jitter=False) for u, p in self.requests])
         results["rows"]["ground_truth"] = self.score(truth, users, None)
         base_images = self.generate(None, None, None, users)  # cheap, and every win rate needs it
         results["rows"]["base"], base = self.cached(
             "base", lambda: (self.score(base_images, users, base_images), base_images)
         )
         self.log(f"eval: base {results['rows']['base']}")
-        styles = [u.style for u, _ in self.requests]
+        styles = [u.target(p) for u, p in self.requests]
         pairs = results["pairs"] = {"base": self._pairs(base, styles)}
         images = {"base": base}
         results["examples"] = images

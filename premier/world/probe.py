@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,24 +58,76 @@ class ProbeConfig:
     seed: int = 0
 
 
-class WorldProbe(nn.Module):
+def probe_body(config: ProbeConfig) -> nn.Sequential:
+    """32x32 RGB -> `features` (the probes of both worlds share it)."""
+    w = config.width
+    return nn.Sequential(
+        nn.Conv2d(3, w, 3, padding=1),
+        nn.GELU(),
+        nn.Conv2d(w, w, 3, stride=2, padding=1),
+        nn.GELU(),  # 16
+        nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
+        nn.GELU(),  # 8
+        nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
+        nn.GELU(),  # 4
+        nn.Flatten(),
+        nn.Linear(2 * w * 16, config.features),
+        nn.GELU(),
+    )
+
+
+class ProbeFile(nn.Module):
+    """What the probes of both worlds share: the feature distance and the file (safetensors, tagged by world)."""
+
+    FORMAT = ""
+    config: ProbeConfig
+
+    def read(self, images: np.ndarray, batch: int = 512) -> tuple[torch.Tensor, Any]:
+        raise NotImplementedError
+
+    def distance(self, images: np.ndarray, references: np.ndarray) -> torch.Tensor:
+        a, _ = self.read(images)
+        b, _ = self.read(references)
+        return (a - b).norm(dim=-1)
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / PROBE_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(
+            {k: v.detach().contiguous() for k, v in self.state_dict().items()},
+            path,
+            metadata={"format": self.FORMAT, "config": json.dumps(asdict(self.config))},
+        )
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Any:
+        tensors, meta = read_probe(folder)
+        if meta.get("format") != cls.FORMAT:
+            raise InvalidRequestError(
+                "probe", f"{Path(folder) / PROBE_FILE} is a {meta.get('format')!r}, not a {cls.FORMAT!r}"
+            )
+        probe = cls(ProbeConfig(**json.loads(meta["config"])))
+        probe.load_state_dict(tensors)
+        return probe.eval().requires_grad_(False)
+
+
+def read_probe(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    path = Path(folder) / PROBE_FILE
+    if not path.is_file():
+        raise InvalidRequestError("probe", f"{path} does not exist; run `premier world probe --out {folder}`")
+    return read_safetensors(path, error=lambda m: InvalidRequestError("probe", m))
+
+
+class WorldProbe(ProbeFile):
+    """World v1's probe: a classifier per (discrete) factor."""
+
+    FORMAT = "premier-world-probe"
+
     def __init__(self, config: ProbeConfig = ProbeConfig()):
         super().__init__()
         self.config = config
-        w = config.width
-        self.body = nn.Sequential(
-            nn.Conv2d(3, w, 3, padding=1),
-            nn.GELU(),
-            nn.Conv2d(w, w, 3, stride=2, padding=1),
-            nn.GELU(),  # 16
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1),
-            nn.GELU(),  # 8
-            nn.Conv2d(2 * w, 2 * w, 3, stride=2, padding=1),
-            nn.GELU(),  # 4
-            nn.Flatten(),
-            nn.Linear(2 * w * 16, config.features),
-            nn.GELU(),
-        )
+        self.body = probe_body(config)
         self.heads = nn.ModuleDict(
             {name: nn.Linear(config.features, len(levels)) for name, levels in ALL_FACTORS.items()}
         )
@@ -104,43 +157,55 @@ class WorldProbe(nn.Module):
     def preference_alignment(self, images: np.ndarray, styles: list[Style]) -> torch.Tensor:
         return self.factor_scores(images, styles)
 
+    def factor_alignment(self, images: np.ndarray, styles: list[Style]) -> dict[str, torch.Tensor]:
+        """Per style factor, the probability of the user's level, (B,) each: what the user's taste got right."""
+        _, probs = self.read(images)
+        return {name: _mean_level_probability({name: probs[name]}, styles, [name]) for name in STYLE_FACTORS}
+
     def text_consistency(self, images: np.ndarray, contents: list[Content]) -> torch.Tensor:
         return self.factor_scores(images, contents)
 
-    def distance(self, images: np.ndarray, references: np.ndarray) -> torch.Tensor:
-        a, _ = self.read(images)
-        b, _ = self.read(references)
-        return (a - b).norm(dim=-1)
 
-    # ------------------------------------------------------------------ files
-    def save(self, folder: str | Path) -> Path:
-        path = Path(folder) / PROBE_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(
-            {k: v.detach().contiguous() for k, v in self.state_dict().items()},
-            path,
-            metadata={"format": "premier-world-probe", "config": json.dumps(asdict(self.config))},
-        )
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> WorldProbe:
-        path = Path(folder) / PROBE_FILE
-        if not path.is_file():
-            raise InvalidRequestError("probe", f"{path} does not exist; run `premier world probe --out {folder}`")
-        tensors, meta = read_safetensors(path, error=lambda m: InvalidRequestError("probe", m))
-        probe = cls(ProbeConfig(**json.loads(meta["config"])))
-        probe.load_state_dict(tensors)
-        return probe.eval().requires_grad_(False)
-
-
-def _mean_level_probability(probs: dict[str, torch.Tensor], targets: list[Content] | list[Style]) -> torch.Tensor:
+def _mean_level_probability(
+    probs: dict[str, torch.Tensor], targets: list[Content] | list[Style], names: list[str] | None = None
+) -> torch.Tensor:
     total = torch.zeros(len(targets))
-    names = list(labels(targets[0]))
+    names = names or list(labels(targets[0]))
     for name in names:
         idx = torch.tensor([labels(t)[name] for t in targets])
         total += probs[name].gather(1, idx[:, None])[:, 0]
     return total / len(names)
+
+
+def fit_probe(
+    probe: ProbeFile,
+    draw: Callable[[], list[tuple[Any, Any, int]]],
+    loss_of: Callable[[torch.Tensor, list[tuple[Any, Any, int]]], torch.Tensor],
+    render_items: Callable[[list], np.ndarray],
+    progress: bool = True,
+) -> dict[str, Any]:
+    """A probe's training loop (both worlds'): each step renders `draw()`'s (content, style, seed) items, adds
+    pixel noise, and minimises `loss_of(pixels, items)` with AdamW on a one-cycle schedule."""
+    from tqdm.auto import tqdm
+
+    config = probe.config
+    g = torch.Generator("cpu").manual_seed(config.seed)
+    opt = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
+    started = time.perf_counter()
+    probe.train()
+    loss_value = float("nan")
+    for _ in tqdm(range(config.steps), disable=not progress, desc="probe", unit="step"):
+        items = draw()
+        x = pixels_to_tensor(render_items(items))
+        loss = loss_of(x + config.noise * torch.randn(x.shape, generator=g), items)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_value = float(loss.detach())
+    probe.eval().requires_grad_(False)
+    return {"steps": config.steps, "seconds": time.perf_counter() - started, "final_loss": loss_value}
 
 
 def train_probe(config: ProbeConfig = ProbeConfig(), progress: bool = True) -> tuple[WorldProbe, dict[str, Any]]:
@@ -149,30 +214,16 @@ def train_probe(config: ProbeConfig = ProbeConfig(), progress: bool = True) -> t
         torch.manual_seed(config.seed)
         probe = WorldProbe(config)
     rng = np.random.default_rng([config.seed, 11])
-    g = torch.Generator("cpu").manual_seed(config.seed)
-    opt = torch.optim.AdamW(probe.parameters(), lr=config.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
-    started = time.perf_counter()
-    from tqdm.auto import tqdm
 
-    probe.train()
-    loss_value = float("nan")
-    for _ in tqdm(range(config.steps), disable=not progress, desc="probe", unit="step"):
-        items = [(random_content(rng), random_style(rng), int(rng.integers(2**31))) for _ in range(config.batch_size)]
-        x = pixels_to_tensor(render_batch(items))
-        x = x + config.noise * torch.randn(x.shape, generator=g)
+    def draw() -> list[tuple[Any, Any, int]]:
+        return [(random_content(rng), random_style(rng), int(rng.integers(2**31))) for _ in range(config.batch_size)]
+
+    def loss_of(x: torch.Tensor, items: list[tuple[Any, Any, int]]) -> torch.Tensor:
         _, logits = probe(x)
-        loss = 0.0
-        for name in ALL_FACTORS:
-            target = torch.tensor([{**labels(c), **labels(s)}[name] for c, s, _ in items])
-            loss = loss + F.cross_entropy(logits[name], target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
-    probe.eval().requires_grad_(False)
-    return probe, {"steps": config.steps, "seconds": time.perf_counter() - started, "final_loss": loss_value}
+        targets = [{**labels(c), **labels(s)} for c, s, _ in items]
+        return sum(F.cross_entropy(logits[n], torch.tensor([t[n] for t in targets])) for n in ALL_FACTORS)
+
+    return probe, fit_probe(probe, draw, loss_of, render_batch, progress)
 
 
 def validate_probe(probe: WorldProbe, pairs: int = 400, seed: int = 1234) -> dict[str, float]:

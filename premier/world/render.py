@@ -29,7 +29,7 @@ def _pattern_mask(style: Style, phase: int) -> np.ndarray:
     return ((x + y) // half) % 2 == 0  # diagonal stripes
 
 
-def _shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
+def shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     dx, dy = _XX - cx, _YY - cy
     if shape == "circle":
         return dx**2 + dy**2 <= r**2
@@ -56,9 +56,9 @@ def render(content: Content, style: Style, seed: int | None = 0, jitter: bool = 
     if style.saturation == "muted":
         colour = 0.45 * colour + 0.55 * _GREY
     cx, cy = POSITIONS[content.position]
-    mask = _shape_mask(content.shape, cx + ox, cy + oy, r)
+    mask = shape_mask(content.shape, cx + ox, cy + oy, r)
     if style.fill == "outline":
-        mask &= ~_shape_mask(content.shape, cx + ox, cy + oy, r - 2.4)
+        mask &= ~shape_mask(content.shape, cx + ox, cy + oy, r - 2.4)
     img = np.where(mask[..., None], colour, img)
     return np.clip(np.round(img), 0, 255).astype(np.uint8)
 

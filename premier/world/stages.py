@@ -105,10 +105,9 @@ def use_variant(premier: PremierModel, variant: str, empty_text: torch.Tensor) -
 
 def encode_user(encoder: DataEncoder, user: WorldUser, n: int | None = None) -> Batch:
     """A world user's first n history images (and their prompts), encoded as stage 2 takes them."""
-    items = user.history[:n]
-    images = user.history_images(n)
-    latents = encoder.encode_images(images)
-    text, pooled = encoder.encode_prompts([c.prompt for c, _ in items])
+    items = user.history_items(n)
+    latents = encoder.encode_images([image for _, image, _ in items])
+    text, pooled = encoder.encode_prompts([prompt for _, _, prompt in items])
     return Batch(latents, text, pooled, torch.zeros(len(items), dtype=torch.long))
 
 

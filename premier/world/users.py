@@ -57,6 +57,10 @@ class WorldUser:
     history: tuple[tuple[Content, int], ...]  # (content, jitter seed) of each preferred image
     test_prompts: tuple[str, ...] = ()
 
+    def target(self, prompt: str) -> Style:
+        """The style this user wants for `prompt`: in v1 always its one style (v2's tastes depend on the prompt)."""
+        return self.style
+
     def history_images(self, n: int | None = None) -> list:
         return [render_image(c, self.style, seed) for c, seed in self.history[:n]]
 
@@ -120,9 +124,14 @@ def demo_users(cfg: WorldConfig) -> list[WorldUser]:
 
 def write_training_data(cfg: WorldConfig, root: str | Path) -> Path:
     """The training users' histories in the raw dataset format (`premier data prepare` reads it)."""
+    return write_histories(training_users(cfg), root)
+
+
+def write_histories(users: list, root: str | Path) -> Path:
+    """Users' histories (v1 or v2 users) in the raw dataset format: ROOT/<user id>/ images + captions.jsonl."""
     from premier.training.dataset import write_user_folder
 
     root = Path(root)
-    for user in training_users(cfg):
+    for user in users:
         write_user_folder(root / user.user_id, user.history_items())
     return root

@@ -19,7 +19,9 @@ from premier.training.objective import FixedDrawLoss, FlowObjective
 from premier.training.prepared import PreparedDataset, prepare_dataset
 from premier.transformer import PremierTransformer
 
-CONFIG = Stage2Config(steps=30, batch_size=2, eval_every=5, patience=100, optim=OptimConfig("adamw", lr=1e-2))
+CONFIG = Stage2Config(
+    steps=30, batch_size=2, eval_every=5, patience=100, early_stop=True, optim=OptimConfig("adamw", lr=1e-2)
+)
 
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,13 @@ def test_worker_settings_choose_the_fast_preset_or_the_stage2_options():
     assert fast.warm_start > 0 and fast.seed == 4 and fast.steps == Stage2Config.fast().steps
     plain = Stage2Config(**FitSettings(fast=False, steps=9, optimizer="adamw", lr=0.1).worker_stage2())
     assert plain.warm_start == 0 and plain.steps == 9 and (plain.optim.optimizer, plain.optim.lr) == ("adamw", 0.1)
+    assert not plain.early_stop and plain.direct_init == "scratch"  # the paper's stage 2 unless told otherwise
+    told = Stage2Config(**FitSettings(fast=False, mode="direct", early_stop=True, init="mean").worker_stage2())
+    assert told.early_stop and told.direct_init == "mean"
+    assert fast.early_stop and fast.init == "mean"  # the onboarding preset keeps its held-out image
+    assert {"early_stop", "init"} <= set(FitSettings().fit_options())
+    with pytest.raises(ValueError, match="init"):
+        FitSettings(init="zeros")
     with pytest.raises(ValueError, match="runner"):
         FitSettings(runner="threads")
 

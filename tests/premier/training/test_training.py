@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from premier.training.metrics import MetricsLog
 from premier.training.objective import FixedDrawLoss
 from premier.training.prepared import PreparedDataset, prepare_dataset
 from premier.training.stage1 import Stage1Trainer, latest_checkpoint
-from premier.training.stage2 import fit_user
+from premier.training.stage2 import UserParameters, fit_user
 from premier.user_record import UserRecord
 
 ADAMW = OptimConfig("adamw", lr=1e-2, weight_decay=0.0)
@@ -93,6 +94,27 @@ def test_mean_scaled_dispersion_is_bounded_and_ignores_a_common_scale():
     assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6) and torch.isfinite(same.grad).all()
     with pytest.raises(ValueError, match="scale"):
         dispersion_loss(z, scale="cosine")
+
+
+def test_diagonal_dispersion_keeps_the_self_pairs_and_is_bounded_below_by_minus_log_m():
+    """The Diffuse-and-Disperse release's form: all M^2 pairs, so spreading users apart stops paying."""
+    z = torch.randn(
+        5, 3, 4, generator=torch.Generator().manual_seed(0)
+    )  # the module's fixtures draw from the global RNG
+    flat = z.reshape(5, -1)
+    d2 = torch.cdist(flat, flat).pow(2) / flat.shape[1]
+    expected = torch.log(torch.exp(-d2 / 0.7).mean())  # the diagonal's exp(0) = 1 terms included
+    torch.testing.assert_close(dispersion_loss(z, tau=0.7, scale="diag"), expected, atol=1e-5, rtol=1e-5)
+    # it sits above the paper's form (the self-pairs are the closest pairs there are)...
+    assert float(dispersion_loss(z, tau=0.7, scale="diag")) > float(dispersion_loss(z, tau=0.7))
+    # ...and far-apart users reach its floor, -log M, where the paper's form keeps falling
+    far = 100 * z
+    assert float(dispersion_loss(far, scale="diag")) == pytest.approx(-math.log(5), abs=1e-4)
+    assert float(dispersion_loss(10 * far)) < float(dispersion_loss(far)) - 1.0
+    same = torch.zeros(4, 6, requires_grad=True)
+    loss = dispersion_loss(same, scale="diag")
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-6) and torch.isfinite(same.grad).all()
 
 
 def test_stage1_config_dispersion_scale():
@@ -240,7 +262,7 @@ def fit(trained, dataset, user: str, **overrides):
 
 def test_fitting_on_user_k_images_picks_user_k(trained, dataset):
     for k, user in enumerate(dataset.user_ids):
-        result = fit(trained, dataset, user, steps=60, holdout_min_images=100)
+        result = fit(trained, dataset, user, steps=60)
         c = result.record.vector
         assert int(c.argmax()) == k, (user, c.tolist())
 
@@ -252,7 +274,9 @@ def test_fitting_lowers_loss_and_freezes_everything_else(trained, dataset):
     frozen.update({f"premier.{k}": v.clone() for k, v in model.state_dict().items()})
     user = dataset.user_ids[2]
     samples = dataset.get(dataset.indices_of(user))
-    config = Stage2Config(steps=40, batch_size=2, eval_every=10, optim=OptimConfig("adamw", lr=0.05, weight_decay=0.0))
+    config = Stage2Config(
+        steps=40, batch_size=2, eval_every=10, early_stop=True, optim=OptimConfig("adamw", lr=0.05, weight_decay=0.0)
+    )
     result = fit_user(flux, model, ckpt_id, samples, "newcomer", config, progress=False)
     after = {f"flux.{k}": v for k, v in flux.state_dict().items()} | {
         f"premier.{k}": v for k, v in model.state_dict().items()
@@ -296,12 +320,44 @@ def test_early_stopping_on_held_out_image(trained, dataset):
         steps=400,
         eval_every=2,
         patience=2,
+        early_stop=True,
         optim=OptimConfig("adamw", lr=0.5, weight_decay=0.0),
     )
     fit_meta = result.record.fit
     assert fit_meta["stopped_early"] and fit_meta["steps"] < 400
     held = [h["held_out"] for h in result.history if "held_out" in h]
     assert fit_meta["held_out_loss"] == min(held)
+
+
+def test_a_fit_runs_its_fixed_steps_on_every_image_by_default_as_the_paper_fits(trained, dataset):
+    """The same settings that stop early with `early_stop` run every step on all six images without it."""
+    result = fit(trained, dataset, dataset.user_ids[0], steps=24, eval_every=2, patience=1)
+    meta = result.record.fit
+    assert meta["steps"] == 24 and not meta["stopped_early"]
+    assert meta["train_images"] == meta["images"] == 6 and meta["held_out_image"] is None
+    assert meta["held_out_loss"] is None and not any("held_out" in h for h in result.history)
+    held = fit(trained, dataset, dataset.user_ids[0], steps=24, eval_every=2, patience=1, early_stop=True)
+    assert held.record.fit["train_images"] == 5 and held.record.fit["held_out_image"] is not None
+
+
+def test_direct_mode_starts_from_scratch_by_default_or_from_the_mean_user(trained, dataset):
+    _, _, model, _ = trained
+    basis = model.users.weight.detach()
+    r = model.config.user_init_range
+    scratch = UserParameters(basis, Stage2Config(mode="direct", seed=3), r).value.detach()
+    assert scratch.shape == basis.shape[1:] and float(scratch.abs().max()) <= r
+    assert torch.equal(scratch, UserParameters(basis, Stage2Config(mode="direct", seed=3), r).value.detach())
+    assert not torch.equal(scratch, UserParameters(basis, Stage2Config(mode="direct", seed=4), r).value.detach())
+    mean = UserParameters(basis, Stage2Config(mode="direct", init="mean"), r).value.detach()
+    torch.testing.assert_close(mean, basis.float().mean(0))
+    coefficients = UserParameters(basis, Stage2Config(), r).value.detach()
+    assert torch.equal(coefficients, torch.full((basis.shape[0],), 1 / basis.shape[0]))
+    assert fit(trained, dataset, dataset.user_ids[3], mode="direct", steps=2).record.fit["init"] == "scratch"
+    assert fit(trained, dataset, dataset.user_ids[3], mode="direct", steps=2, init="mean").record.fit["init"] == "mean"
+    with pytest.raises(InvalidRequestError, match="init"):
+        Stage2Config(init="scratch").check()  # linear combination has no scratch start
+    with pytest.raises(InvalidRequestError, match="init"):
+        Stage2Config(mode="direct", init="zeros").check()
 
 
 def test_direct_mode_and_record_round_trip(trained, dataset, tmp_path):

@@ -87,6 +87,12 @@ def test_fit_user_writes_a_record(run, tmp_path, capsys):
     assert record.fit["files"] == ["000.png", "001.png", "002.png"]
     assert torch.isfinite(record.materialise(model.users, ckpt_id)).all()
     assert "record:" in capsys.readouterr().out
+    direct = tmp_path / "direct.safetensors"
+    flags = ["--mode", "direct", "--init", "mean", "--early-stop", "--steps", "2", "--no-progress"]
+    images = ["--images", str(run / "raw" / "user2"), "--checkpoint", str(ckpt)]
+    assert main(["fit-user", *images, "--user-id", "d", "-o", str(direct), *flags]) == 0
+    fit = UserRecord.load(direct).fit
+    assert fit["init"] == "mean" and fit["mode"] == "direct" and fit["steps"] == 2
 
 
 def test_cli_errors(run, tmp_path, capsys):

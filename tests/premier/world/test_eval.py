@@ -130,6 +130,18 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
         assert 0 <= row["alignment"] <= 1 and row["fit_seconds"] > 0 and row["fit_steps"] >= 1
         assert row["parameters_per_user"] > 0 and row["bytes_on_disk_per_user"] > 4 * row["parameters_per_user"] // 2
     assert len(results["pairs"]["sweep-lora-r2-1"]) == 2
+    # A finished ablation run made with other settings is refused, not reused because its step count fits.
+    claim = root / "work" / "stage1-no_ppm" / "eval-run.json"
+    saved = claim.read_text()
+    changed = json.loads(saved)
+    changed["stage1"]["tau"] = 0.5
+    claim.write_text(json.dumps(changed))
+    argv = ["eval", "--quick", "--world", str(root / "out"), "--work", str(root / "work"), "--docs", str(docs)]
+    # (another denoising step count: the rows are not in the cache, so the run is needed)
+    assert main([*argv, "--variants", "premier,no_ppm", "--denoise-steps", "3", "--quiet"]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "stage1.tau 0.5 (now 1.0)" in err and "use another --work" in err
+    claim.write_text(saved)
 
 
 @pytest.mark.parametrize(
