@@ -145,7 +145,9 @@ class Stage1Trainer:
             raise CheckpointError(f"{state_file} has no readable settings: {e}") from None
         merged = _merge(saved, overrides or {})
         changed = sorted(
-            k for k in _flatten(merged) if k not in RESUMABLE_CHANGES and _flatten(merged)[k] != _flatten(saved)[k]
+            k
+            for k in flatten_settings(merged)
+            if k not in RESUMABLE_CHANGES and flatten_settings(merged)[k] != flatten_settings(saved)[k]
         )
         if changed:
             raise InvalidRequestError(
@@ -357,11 +359,11 @@ def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_settings(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
+            flat.update(flatten_settings(v, f"{prefix}{k}."))
         else:
             flat[prefix + k] = list(v) if isinstance(v, tuple) else v
     return flat

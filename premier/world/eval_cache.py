@@ -16,6 +16,7 @@ import torch
 
 from premier.errors import InvalidRequestError
 from premier.files import atomic_save_safetensors, read_safetensors
+from premier.training.stage1 import flatten_settings
 
 RUN_SETTINGS = "eval-run.json"
 """In WORK/prepared and an eval's ablation runs (WORK/stage1-<variant>): the settings they were made with."""
@@ -51,20 +52,10 @@ def check_settings(path: Path, expected: dict[str, Any]) -> None:
         raise InvalidRequestError(
             "work", f"{path.parent} has no record of its settings ({path.name}): remove it or use another --work"
         )
-    saved, wanted = _flat(json.loads(path.read_text())), _flat(expected)
+    saved, wanted = flatten_settings(json.loads(path.read_text())), flatten_settings(expected)
     differ = sorted(k for k in saved.keys() | wanted.keys() if saved.get(k) != wanted.get(k))
     if differ:
         shown = ", ".join(f"{k} {saved.get(k)!r} (now {wanted.get(k)!r})" for k in differ[:6])
         raise InvalidRequestError(
             "work", f"{path.parent} was made with other settings: {shown}; remove it or use another --work"
         )
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out

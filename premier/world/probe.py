@@ -81,9 +81,7 @@ class ProbeFile(nn.Module):
 
     FORMAT = ""
     config: ProbeConfig
-
-    def read(self, images: np.ndarray, batch: int = 512) -> tuple[torch.Tensor, Any]:
-        raise NotImplementedError
+    read: Callable[..., tuple[torch.Tensor, Any]]  # (images) -> (unit features, readings): each world's probe
 
     def distance(self, images: np.ndarray, references: np.ndarray) -> torch.Tensor:
         a, _ = self.read(images)
