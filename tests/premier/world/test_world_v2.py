@@ -184,3 +184,26 @@ def test_a_v2_world_builds_and_evaluates_end_to_end(tiny_v2, tmp_path):
     results = json.loads((docs / "eval.json").read_text())
     assert results["world"]["world"]["version"] == "v2"
     assert 0 <= results["rows"]["premier"]["alignment"] <= 1 and 0 <= results["rows"]["base"]["text"] <= 1
+
+
+def test_the_shipped_v2_build_is_v2_at_its_defaults_and_its_probe_reads_fresh_renders():
+    """premier/assets/world-v2 (the full build, docs/world.md): reproducible by `premier world build --world v2`
+    (its recorded world settings are the defaults), its checkpoint loads, and its probe still tells a user's taste
+    from another's on renders it never saw (a smaller draw than the build's own 400-pair check)."""
+    from premier.checkpoint import PremierModel
+    from premier.models.embedded import ASSETS
+    from premier.world.probe_v2 import WorldProbeV2
+    from premier.world.worlds import load_probe
+
+    shipped = ASSETS.parent / "world-v2"
+    record = json.loads((shipped / "world.json").read_text())
+    config = world_config(record["config"]["world"])
+    assert config == WorldV2Config() and world_of(config).version == "v2"
+    assert set(record["steps"]) == {"data", "base", "stage1", "users", "probe"}
+    _, ckpt_id = PremierModel.load(shipped / "premier")
+    assert ckpt_id == record["steps"]["stage1"]["checkpoint_id"]
+    probe = load_probe(shipped / "probe")
+    assert isinstance(probe, WorldProbeV2)
+    check = world_of(config).validate_probe(probe, pairs=60, seed=7)
+    assert check["own_style_wins"] >= 0.9 and check["own_prompt_wins"] >= 0.9, check
+    assert check["alignment_own"] > 2 * check["alignment_other"], check
