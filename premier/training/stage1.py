@@ -144,11 +144,8 @@ class Stage1Trainer:
         except (KeyError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{state_file} has no readable settings: {e}") from None
         merged = _merge(saved, overrides or {})
-        changed = sorted(
-            k
-            for k in flatten_settings(merged)
-            if k not in RESUMABLE_CHANGES and flatten_settings(merged)[k] != flatten_settings(saved)[k]
-        )
+        now, then = flatten_settings(merged), flatten_settings(saved)
+        changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and now[k] != then[k])
         if changed:
             raise InvalidRequestError(
                 "resume",
