@@ -14,8 +14,23 @@ from typing import Any
 import torch
 
 from premier.errors import InvalidRequestError
-from premier.models.loading import ModelProfile
 from premier.users import validate_user_id
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """What a request may ask of a given base model, and its defaults."""
+
+    max_sequence_length: int
+    size_multiple: int
+    min_size: int
+    max_size: int
+    default_size: int
+    default_steps: int
+    default_guidance: float
+    max_steps: int = 200
+    max_guidance: float = 30.0
+
 
 MAX_PROMPT_CHARS = 20_000
 # Lone surrogates are not Unicode text; control characters other than tab and newlines are not prompt text.

@@ -25,8 +25,7 @@ from premier.errors import (
     InvalidRequestError,
     UnknownUserError,
 )
-from premier.models.loading import ModelProfile
-from premier.requests import GenerationSettings
+from premier.requests import GenerationSettings, ModelProfile
 from store.errors import StoreError
 
 log = logging.getLogger("ray.serve")

@@ -7,13 +7,13 @@ Only local files are read (`local_files_only=True`) and only safetensors weights
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
 
 from premier.errors import ModelLoadError
+from premier.requests import ModelProfile  # (defined with the requests it limits; imported here by many)
 
 _WEIGHT_COMPONENTS = ("transformer", "vae", "text_encoder", "text_encoder_2")
 _TOKENIZERS = ("tokenizer", "tokenizer_2")
@@ -68,21 +68,6 @@ def load_flux_folder(path: str | Path, dtype: torch.dtype = torch.bfloat16) -> F
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.eval().requires_grad_(False)
     return pipe
-
-
-@dataclass(frozen=True)
-class ModelProfile:
-    """What a request may ask of a given base model, and its defaults."""
-
-    max_sequence_length: int
-    size_multiple: int
-    min_size: int
-    max_size: int
-    default_size: int
-    default_steps: int
-    default_guidance: float
-    max_steps: int = 200
-    max_guidance: float = 30.0
 
 
 def profile_for(pipe: FluxPipeline, embedded: bool) -> ModelProfile:

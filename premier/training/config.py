@@ -187,6 +187,10 @@ class Stage2Config:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Stage2Config:
+        return _from_dict(cls, d)
+
 
 def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
     known = {f.name for f in fields(cls)}

@@ -107,7 +107,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     config = EvalConfig.quick() if args.quick else EvalConfig()
     overrides = {
         k: getattr(args, k)
-        for k in ("test_users", "history", "sweep", "sweep_users", "denoise_steps")
+        for k in (
+            "test_users",
+            "history",
+            "sweep",
+            "sweep_users",
+            "denoise_steps",
+            "distinct_users",
+            "distinct_prompts",
+        )
         if getattr(args, k) is not None
     }
     if args.variants:
@@ -206,6 +214,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--history", type=_positive_int, help="history images per test user (default 8)")
     p.add_argument("--sweep", type=_int_list, help="history sizes for the fitting sweep (default 1,2,4,8,16,32)")
     p.add_argument("--sweep-users", type=_positive_int, help="test users in the sweep (default 4)")
+    p.add_argument(
+        "--distinct-users",
+        type=_positive_int,
+        help="Fig. 8 (user distinguishability): the first N test users, at least 2 (default 16, at most --test-users)",
+    )
+    p.add_argument("--distinct-prompts", type=_positive_int, help="Fig. 8: prompts per user (default 5)")
     p.add_argument(
         "--baseline",
         action="append",

@@ -23,8 +23,8 @@ RUN_SETTINGS = "eval-run.json"
 
 
 class ResultCache:
-    """Finished rows (scores and images) under WORK/eval-cache/<key>/, so a stopped or extended eval
-    (more variants, more history sizes) redoes nothing it already did with the same settings."""
+    """Finished rows (scores and images) and fitted users' tokens under WORK/eval-cache/<key>/, so a stopped or
+    extended eval (more variants, more history sizes) redoes nothing it already did with the same settings."""
 
     def __init__(self, folder: Path, settings: dict[str, Any]):
         key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
@@ -44,6 +44,17 @@ class ResultCache:
             self.folder / f"{name}.safetensors",
             metadata={"row": json.dumps(row)},
         )
+
+    def get_tensor(self, name: str) -> torch.Tensor | None:
+        path = self.folder / f"{name}.safetensors"
+        if not path.is_file():
+            return None
+        tensors, _ = read_safetensors(path, error=lambda m: InvalidRequestError("eval cache", m))
+        return tensors["tensor"]
+
+    def put_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors({"tensor": tensor.detach().contiguous()}, self.folder / f"{name}.safetensors")
 
 
 def check_settings(path: Path, expected: dict[str, Any]) -> None:

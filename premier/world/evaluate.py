@@ -10,15 +10,15 @@ against the ground truth. Rows:
   the same data and budget (the shipped checkpoint is `premier`; ablations are trained into
   WORK on first use and reused afterwards);
 - the Fig. 6 sweep: linear combination vs direct fitting at each history size, and the onboarding
-  fast fit (`Stage2Config.fast()`: warm start, convergence stop, the users in shared passes, what
-  the server's resident fit workers run) against the full linear-combination fit.
-
-This module runs the evaluation; premier/world/report.py writes its report (Markdown, plots, JSON).
+  fast fit (`Stage2Config.fast()`, what the server's resident fit workers run);
+- per style factor alignment and Fig. 8's user distinguishability (premier/world/analysis.py).
+premier/world/report.py writes the report (Markdown, plots, JSON).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,15 +35,25 @@ from premier.models.embedded import PREMIER_DIR, EmbeddedSpec, build_embedded_fl
 from premier.models.loading import profile_for
 from premier.pipeline import PremierPipeline
 from premier.requests import GenerationRequest, GenerationSettings
-from premier.training.config import OptimConfig, Stage1Config, Stage2Config
+from premier.training.config import Stage1Config, Stage2Config
 from premier.training.prepared import DataEncoder, PreparedDataset
 from premier.training.stage1 import latest_checkpoint
+from premier.world.analysis import distinct_row, factor_means
 from premier.world.build import PROBE_DIR, read_world, stage1_dir
 from premier.world.eval_cache import RUN_SETTINGS, ResultCache, check_settings
 from premier.world.lora_rows import lora_modes, lora_sweep_row, rank_of
 from premier.world.report import write_report
 from premier.world.spec import content_of
-from premier.world.stages import VARIANTS, build_trainer, encode_user, fit, prepare, use_variant
+from premier.world.stages import (
+    VARIANTS,
+    build_trainer,
+    encode_user,
+    fit,
+    fit_together,
+    prepare,
+    resume_trainer,
+    use_variant,
+)
 from premier.world.users import WorldUser
 from premier.world.worlds import load_probe, world_config, world_of
 
@@ -62,6 +72,8 @@ class EvalConfig:
     seed: int = 0
     baselines: tuple[str, ...] = ()  # "lora": per-user LoRA rows in the sweep (premier/world/lora_rows.py)
     lora_ranks: tuple[int, ...] = (4, 16)
+    distinct_users: int = 16  # Fig. 8 (premier/world/analysis.py): the first test users, at most test_users
+    distinct_prompts: int = 5
 
     def check(self, world: Any) -> None:  # a WorldConfig or WorldV2Config
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -76,20 +88,17 @@ class EvalConfig:
                 raise InvalidRequestError("history", f"history sizes must be in [1, {world.test_history}], got {k}")
         if self.denoise_steps < 1:
             raise InvalidRequestError("denoise_steps", "must be positive")
+        if self.distinct_users < 2 or not 1 <= self.distinct_prompts <= world.test_prompts:
+            raise InvalidRequestError(
+                "distinct_users", f"needs at least 2 users and 1 to {world.test_prompts} prompts (the world's)"
+            )
         lora_modes(self.baselines, self.lora_ranks)
         for r in self.lora_ranks:
             check_rank(r)
 
     @classmethod
     def quick(cls) -> EvalConfig:
-        return cls(test_users=1, history=2, sweep=(1, 2), sweep_users=1, denoise_steps=2)
-
-
-def stage2_from_dict(d: dict[str, Any]) -> Stage2Config:
-    optim = dict(d.get("optim", {}))
-    if "betas" in optim:
-        optim["betas"] = tuple(optim["betas"])
-    return Stage2Config(**{**d, "optim": OptimConfig(**optim)})
+        return cls(test_users=1, history=2, sweep=(1, 2), sweep_users=1, denoise_steps=2, distinct_prompts=2)
 
 
 class Evaluator:
@@ -100,7 +109,7 @@ class Evaluator:
         self.world = world_config(cfg["world"])
         self.world_ops = world_of(self.world)
         self.stage1 = Stage1Config.from_dict(cfg["stage1"])
-        self.stage2 = stage2_from_dict(cfg["stage2"])
+        self.stage2 = Stage2Config.from_dict(cfg["stage2"])
         config.check(self.world)
         self.config, self.progress, self.log = config, progress, log
         self.spec = EmbeddedSpec()
@@ -151,17 +160,17 @@ class Evaluator:
             model, ckpt = PremierModel.load(self.world_dir / PREMIER_DIR)
         else:
             run = stage1_dir(self.work, variant)
-            folder = latest_checkpoint(run)
             settings = {"variant": variant, "world": self.info["config"]["world"], "stage1": self.stage1.to_dict()}
+            folder = latest_checkpoint(run)
+            if folder is not None or (run / RUN_SETTINGS).is_file():  # recorded when a run starts: finished or
+                check_settings(run / RUN_SETTINGS, settings)  # not, a run is reused only if made with these settings
             if folder is None or int(folder.name.split("-")[-1]) < self.stage1.steps:
-                folder = self._train(variant, run)
-                (run / RUN_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
-            else:  # a finished run is reused only if it was made with these settings, whatever its step count
-                check_settings(run / RUN_SETTINGS, settings)
+                folder = self._train(variant, run, settings, resume=folder is not None)
             model, ckpt = PremierModel.load(folder)
         return use_variant(model, variant, self.empty_text), ckpt
 
-    def _train(self, variant: str, run: Path) -> Path:
+    def _train(self, variant: str, run: Path, settings: dict[str, Any], resume: bool) -> Path:
+        """Train (or continue: an interrupted eval resumes from the run's last checkpoint) a variant's stage 1."""
         prepared = self.work / "prepared"
         world = {"world": self.info["config"]["world"]}
         if not (prepared / "dataset.json").is_file():
@@ -172,17 +181,15 @@ class Evaluator:
         else:  # the training users of another world would train a stage 1 that has nothing to do with this one
             check_settings(prepared / RUN_SETTINGS, world)
         started = time.perf_counter()
-        import shutil
-
-        shutil.rmtree(run, ignore_errors=True)
-        trainer = build_trainer(
-            self.flux_pipe.transformer,
-            PreparedDataset(prepared),
-            run,
-            variant,
-            self.stage1,
-            embedded_premier_config(self.spec),
-        )
+        flux, data = self.flux_pipe.transformer, PreparedDataset(prepared)
+        trainer = resume_trainer(flux, data, run, variant, self.stage1.steps) if resume else None
+        if trainer is None:
+            shutil.rmtree(run, ignore_errors=True)
+            run.mkdir(parents=True)
+            (run / RUN_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
+            trainer = build_trainer(flux, data, run, variant, self.stage1, embedded_premier_config(self.spec))
+        else:
+            self.log(f"eval: resuming stage 1 '{variant}' at step {trainer.step}")
         trainer.run(progress=self.progress)
         self.log(
             f"eval: trained stage 1 '{variant}' ({self.stage1.steps} steps) in {time.perf_counter() - started:.0f}s"
@@ -192,10 +199,21 @@ class Evaluator:
         return folder
 
     def fit_users(
-        self, premier: PremierModel, ckpt: str, users: list[WorldUser], k: int, mode: str
+        self, premier: PremierModel, ckpt: str, users: list[WorldUser], k: int, mode: str, keep: str | None = None
     ) -> list[torch.Tensor]:
+        """Each user's tokens; with `keep` (a variant), cached per user so later rows reuse the fit. Mode "fast":
+        the onboarding path's fits, every user in the same passes."""
+        if mode == "fast":
+            batches = {u.user_id: encode_user(self.encoder, u, k) for u in users}
+            return fit_together(
+                self.flux_pipe.transformer, premier, ckpt, batches, Stage2Config.fast(seed=self.stage2.seed)
+            )
         tokens = []
         for user in users:
+            name = f"tokens-{keep}-{mode}-k{k}-{user.user_id}"
+            if keep is not None and (hit := self.cache.get_tensor(name)) is not None:
+                tokens.append(hit)
+                continue
             result = fit(
                 self.flux_pipe.transformer,
                 premier,
@@ -208,23 +226,9 @@ class Evaluator:
             tokens.append(
                 result.record.materialise(premier.users, ckpt) if mode == "coefficients" else result.record.vector
             )
+            if keep is not None:
+                self.cache.put_tensor(name, tokens[-1])
         return tokens
-
-    def fit_users_fast(self, premier: PremierModel, ckpt: str, users: list[WorldUser], k: int) -> list[torch.Tensor]:
-        """The onboarding path's fits (serving's resident workers): every user in the same passes."""
-        from premier.training.multifit import MultiUserFitter
-
-        fitter = MultiUserFitter(self.flux_pipe.transformer, premier, ckpt, Stage2Config.fast(seed=self.stage2.seed))
-        for user in users:
-            fitter.add(user.user_id, encode_user(self.encoder, user, k))
-        results = fitter.run()
-        out = []
-        for user in users:
-            result = results[user.user_id]
-            if isinstance(result, Exception):
-                raise result
-            out.append(result.record.materialise(premier.users, ckpt))
-        return out
 
     def generate(
         self,
@@ -232,11 +236,15 @@ class Evaluator:
         ckpt: str | None,
         tokens: dict[str, torch.Tensor] | None,
         users: list[WorldUser],
+        prompts: list[str] | None = None,
+        seeds: list[int] | None = None,
     ) -> np.ndarray:
+        """Each user's test prompts, seeds counted up from the eval's; or the same `prompts` and `seeds` for all."""
         pipe = PremierPipeline(self.flux_pipe, premier, self.profile, ckpt)
+        pairs = [(u, p, seeds[i] if seeds else None) for u in users for i, p in enumerate(prompts or u.test_prompts)]
         reqs = [
-            GenerationRequest(p, tokens[u.user_id] if tokens else None, self.config.seed + i)
-            for i, (u, p) in enumerate((u, p) for u in users for p in u.test_prompts)
+            GenerationRequest(p, tokens[u.user_id] if tokens else None, s if s is not None else self.config.seed + i)
+            for i, (u, p, s) in enumerate(pairs)
         ]
         out = []
         for i in range(0, len(reqs), 128):
@@ -279,15 +287,24 @@ class Evaluator:
             "rows": {},
             "sweep": {},
         }
-        users = self.users
+        users, styles = self.users, [u.target(p) for u, p in self.requests]
+        results["factors"], results["distinct"] = {}, {}
+
+        def readings(key: str, imgs: np.ndarray, model: Callable[[], tuple[PremierModel, str]] | None = None) -> None:
+            """Per-factor alignment and (but for the no-history start) Fig. 8's distinguishability."""
+            results["factors"][key] = factor_means(self.probe, imgs, styles[: len(imgs)])
+            if key != "start" and (row := distinct_row(self, key, model)) is not None:
+                results["distinct"][key] = row
+
         truth = np.stack([self.world_ops.render(content_of(p), u.target(p), jitter=False) for u, p in self.requests])
         results["rows"]["ground_truth"] = self.score(truth, users, None)
+        readings("ground_truth", truth)
         base_images = self.generate(None, None, None, users)  # cheap, and every win rate needs it
         results["rows"]["base"], base = self.cached(
             "base", lambda: (self.score(base_images, users, base_images), base_images)
         )
+        readings("base", base)
         self.log(f"eval: base {results['rows']['base']}")
-        styles = [u.target(p) for u, p in self.requests]
         pairs = results["pairs"] = {"base": self._pairs(base, styles)}
         images = {"base": base}
         results["examples"] = images
@@ -310,6 +327,7 @@ class Evaluator:
 
             results["rows"]["start"], start_images = self.cached("start", start_row)
             pairs["start"] = self._pairs(start_images, styles)
+            readings("start", start_images)
             self.log(f"eval: start {results['rows']['start']}")
 
         for variant in sorted(cfg.variants, key=lambda v: v != "premier"):  # Table 1 and the sweep first
@@ -323,13 +341,17 @@ class Evaluator:
             def table_row() -> tuple[dict[str, float], np.ndarray]:
                 premier, ckpt = load()
                 tokens = dict(
-                    zip([u.user_id for u in users], self.fit_users(premier, ckpt, users, cfg.history, "coefficients"))
+                    zip(
+                        [u.user_id for u in users],
+                        self.fit_users(premier, ckpt, users, cfg.history, "coefficients", variant),
+                    )
                 )
                 imgs = self.generate(premier, ckpt, tokens, users)
                 return self.score(imgs, users, base), imgs
 
             results["rows"][variant], images[variant] = self.cached(variant, table_row)
             pairs[variant] = self._pairs(images[variant], styles)
+            readings(variant, images[variant], load)
             self.log(f"eval: {variant} {results['rows'][variant]}")
             results["pending"].remove(variant)
             update()
@@ -345,11 +367,7 @@ class Evaluator:
                                 imgs, costs = lora_sweep_row(self, sweep_users, k, rank)
                                 return {**self.score(imgs, sweep_users, base[:n]), **costs}, imgs
                             premier, ckpt = load()
-                            fitted = (
-                                self.fit_users_fast(premier, ckpt, sweep_users, k)
-                                if mode == "fast"
-                                else self.fit_users(premier, ckpt, sweep_users, k, mode)
-                            )
+                            fitted = self.fit_users(premier, ckpt, sweep_users, k, mode)
                             toks = dict(zip([u.user_id for u in sweep_users], fitted))
                             imgs = self.generate(premier, ckpt, toks, sweep_users)
                             return self.score(imgs, sweep_users, base[:n]), imgs

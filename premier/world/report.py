@@ -101,6 +101,7 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
             f"| {names.get(key, key)} | {fmt(row, 'alignment')} | {fmt(row, 'win_rate')} | {fmt(row, 'text')} | {fmt(row, 'distance')} |"
         )
     lines += ["", *findings(rows, sweep, results.get("pairs"), results["world"]["world"].get("test_prompts"))]
+    lines += analysis_lines(results, names)
     if sweep:
         ks = sorted({int(k) for m in sweep.values() for k in m})
         lines += [
@@ -183,6 +184,46 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
     path.write_text(json.dumps({k: v for k, v in results.items() if k != "examples"}, indent=1) + "\n")
     written.append(path)
     return written
+
+
+def analysis_lines(results: dict[str, Any], names: dict[str, str]) -> list[str]:
+    """The report's sections for the two readings (nothing for a results dict without them)."""
+    lines: list[str] = []
+    factors = results.get("factors") or {}
+    if factors:
+        cols = list(next(iter(factors.values())))
+        lines += [
+            "",
+            "## Alignment by style factor",
+            "",
+            "Mean alignment of each factor of the user's taste (the same images as the table above).",
+            "",
+            "| model | " + " | ".join(cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
+        for key, row in factors.items():
+            lines.append(f"| {names.get(key, key)} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |")
+    distinct = results.get("distinct") or {}
+    if distinct:
+        first = next(iter(distinct.values()))
+        lines += [
+            "",
+            "## Fig. 8: user distinguishability",
+            "",
+            f"{first['users']} test users x {first['prompts']} prompts, the same prompt and seed for every user. "
+            "Accuracy: share of images whose best-aligned taste (by the probe) is the user's own, ties split "
+            f"(chance {first['chance']:.3f}); 95 % interval by a bootstrap over users. Diversity: mean probe-feature "
+            "distance between different users' images of the same prompt and seed.",
+            "",
+            "| model | accuracy ↑ | 95 % interval | diversity ↑ |",
+            "|---|---|---|---|",
+        ]
+        for key, row in distinct.items():
+            _, lo, hi = user_bootstrap(row["per_user"])
+            lines.append(
+                f"| {names.get(key, key)} | {row['accuracy']:.3f} | [{lo:.3f}, {hi:.3f}] | {row['diversity']:.3f} |"
+            )
+    return lines
 
 
 def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:

@@ -96,6 +96,19 @@ def build_trainer(
     return trainer
 
 
+def resume_trainer(
+    flux: Any, dataset: PreparedDataset, out: str | Path, variant: str, steps: int
+) -> Stage1Trainer | None:
+    """A variant's interrupted run, continued from its last checkpoint to `steps` with its saved settings; None for
+    the variants that train a subset of the parameters (their optimizer state does not map back: they restart)."""
+    if variant in ("no_shared", "no_distinct"):
+        return None
+    trainer = Stage1Trainer.resume(flux, dataset, out, overrides={"steps": steps})
+    if variant == "no_ppm":
+        trainer.objective.adapters = EmptyPromptAdapters(trainer.model.adapters, dataset.empty_text)
+    return trainer
+
+
 def use_variant(premier: PremierModel, variant: str, empty_text: torch.Tensor) -> PremierModel:
     """Make a loaded checkpoint behave as its variant at inference and in stage 2 (only no_ppm differs)."""
     if variant == "no_ppm" and not isinstance(premier.adapters, EmptyPromptAdapters):
@@ -115,3 +128,21 @@ def fit(
     flux: Any, premier: PremierModel, checkpoint_id: str, samples: Batch, user_id: str, mode: str, config: Stage2Config
 ) -> FitResult:
     return fit_user(flux, premier, checkpoint_id, samples, user_id, replace(config, mode=mode), progress=False)
+
+
+def fit_together(
+    flux: Any, premier: PremierModel, checkpoint_id: str, samples: dict[str, Batch], config: Stage2Config
+) -> list[torch.Tensor]:
+    """The onboarding path's fits (serving's resident workers): every user in the same passes; tokens in order."""
+    from premier.training.multifit import MultiUserFitter
+
+    fitter = MultiUserFitter(flux, premier, checkpoint_id, config)
+    for user_id, batch in samples.items():
+        fitter.add(user_id, batch)
+    results = fitter.run()
+    out = []
+    for user_id in samples:
+        if isinstance(result := results[user_id], Exception):
+            raise result
+        out.append(result.record.materialise(premier.users, checkpoint_id))
+    return out

@@ -233,3 +233,40 @@ def test_sweep_comparisons_carry_an_interval_over_users():
     assert "by users: +0.133 [+0.000, +0.400] over 3 users" in text
     mean, lo, hi = user_bootstrap([0.1, 0.1, 0.1])
     assert mean == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
+
+
+def test_an_interrupted_ablation_run_resumes_from_its_last_checkpoint(tiny_world, tmp_path, capsys):
+    """Stage-1 runs of the ablations take tens of minutes at full size: a stopped eval continues them from their last
+    checkpoint (made with the same settings, recorded when the run started) instead of starting over."""
+    import shutil
+    from dataclasses import replace
+
+    from premier.models.embedded import build_embedded_flux, embedded_premier_config
+    from premier.training.config import Stage1Config
+    from premier.training.prepared import PreparedDataset
+    from premier.training.stage1 import latest_checkpoint
+    from premier.world.build import read_world
+    from premier.world.stages import build_trainer
+
+    root, _ = tiny_world
+    work = tmp_path / "work"
+    shutil.copytree(root / "work" / "prepared", work / "prepared")
+    info = read_world(root / "out")
+    stage1 = Stage1Config.from_dict(info["config"]["stage1"])
+    run = work / "stage1-no_dispersion"
+    flux = build_embedded_flux(weights=root / "out").transformer
+    half = replace(stage1, steps=1, checkpoint_every=1)  # what a run stopped after its first checkpoint left
+    build_trainer(flux, PreparedDataset(work / "prepared"), run, "no_dispersion", half, embedded_premier_config()).run(
+        progress=False
+    )
+    settings = {"variant": "no_dispersion", "world": info["config"]["world"], "stage1": stage1.to_dict()}
+    (run / "eval-run.json").write_text(json.dumps(settings))
+    assert int(latest_checkpoint(run).name.split("-")[-1]) == 1
+    argv = ["eval", "--quick", "--world", str(root / "out"), "--work", str(work), "--docs", str(tmp_path / "docs")]
+    capsys.readouterr()
+    assert main([*argv, "--variants", "no_dispersion", "--quiet", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "eval: resuming stage 1 'no_dispersion' at step 1" in out
+    assert int(latest_checkpoint(run).name.split("-")[-1]) == stage1.steps == 2
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # the first step from the interrupted run, the second from the resumed one

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from premier.cli import main
+from premier.cli import EXIT_BAD_INPUT, main
 from premier.errors import InvalidRequestError
 from premier.world.spec import ALL_CONTENTS, SHAPES, content_of
 from premier.world.v2 import FACTORS, PopulationV2, Style2, WorldV2Config, factor_distance, render
@@ -180,10 +180,28 @@ def test_a_v2_world_builds_and_evaluates_end_to_end(tiny_v2, tmp_path):
     assert UserRecord.load(tiny_v2 / "out" / "users" / "alice.safetensors").fit["style"].startswith("hue=")
     docs = tmp_path / "docs"
     argv = ["eval", "--quick", "--world", str(tiny_v2 / "out"), "--work", str(tiny_v2 / "work"), "--docs", str(docs)]
-    assert main([*argv, "--variants", "premier", "--quiet", "--threads", "1"]) == 0
+    assert main([*argv, "--variants", "premier", "--test-users", "2", "--sweep-users", "1", "--quiet"]) == 0
     results = json.loads((docs / "eval.json").read_text())
     assert results["world"]["world"]["version"] == "v2"
     assert 0 <= results["rows"]["premier"]["alignment"] <= 1 and 0 <= results["rows"]["base"]["text"] <= 1
+    # Per-factor alignment for every table row, and the same mean as the table's.
+    assert set(results["factors"]) == {"ground_truth", "base", "start", "premier"}
+    for key, factors in results["factors"].items():
+        assert set(factors) == set(FACTORS)
+        assert sum(factors.values()) / len(FACTORS) == pytest.approx(results["rows"][key]["alignment"], abs=1e-3)
+    # Fig. 8: both test users x 2 prompts, the same seed per prompt; the base model draws one image per prompt
+    # and seed for everyone, so it scores exactly chance.
+    distinct = results["distinct"]
+    assert set(distinct) == {"ground_truth", "base", "premier"}
+    assert distinct["base"]["accuracy"] == pytest.approx(0.5) and distinct["base"]["diversity"] < 1e-4
+    assert all(d["users"] == 2 and d["prompts"] == 2 and 0 <= d["accuracy"] <= 1 for d in distinct.values())
+    report = (docs / "eval.md").read_text()
+    assert "## Alignment by style factor" in report and "## Fig. 8: user distinguishability" in report
+    # A rerun reuses the fitted users (cached per user) and the generated images: the same numbers.
+    assert main([*argv, "--variants", "premier", "--test-users", "2", "--sweep-users", "1", "--quiet"]) == 0
+    again = json.loads((docs / "eval.json").read_text())
+    assert again["distinct"] == distinct and "distinct-premier-u2p2" in again["reused"]
+    assert main([*argv, "--distinct-users", "1", "--quiet"]) == EXIT_BAD_INPUT
 
 
 def test_the_shipped_v2_build_is_v2_at_its_defaults_and_its_probe_reads_fresh_renders():
