@@ -115,6 +115,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "denoise_steps",
             "distinct_users",
             "distinct_prompts",
+            "stage1_seed",
+            "fit_seed",
         )
         if getattr(args, k) is not None
     }
@@ -220,6 +222,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Fig. 8 (user distinguishability): the first N test users, at least 2 (default 16, at most --test-users)",
     )
     p.add_argument("--distinct-prompts", type=_positive_int, help="Fig. 8: prompts per user (default 5)")
+    p.add_argument(
+        "--stage1-seed",
+        type=int,
+        help="stage 1's seed (default: the world's, whose Premier is the shipped checkpoint; another seed trains "
+        "Premier too, into WORK, once)",
+    )
+    p.add_argument("--fit-seed", type=int, help="stage 2's seed for fitting the test users (default: the world's)")
     p.add_argument(
         "--baseline",
         action="append",

@@ -18,10 +18,9 @@ premier/world/report.py writes the report (Markdown, plots, JSON).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +45,11 @@ from premier.world.report import write_report
 from premier.world.spec import content_of
 from premier.world.stages import (
     VARIANTS,
-    build_trainer,
     encode_user,
     fit,
     fit_together,
     prepare,
-    resume_trainer,
+    train_variant,
     use_variant,
 )
 from premier.world.users import WorldUser
@@ -74,6 +72,8 @@ class EvalConfig:
     lora_ranks: tuple[int, ...] = (4, 16)
     distinct_users: int = 16  # Fig. 8 (premier/world/analysis.py): the first test users, at most test_users
     distinct_prompts: int = 5
+    stage1_seed: int | None = None  # None: the world's (Premier: the shipped checkpoint); others train in WORK
+    fit_seed: int | None = None  # stage 2's seed; None: the world's
 
     def check(self, world: Any) -> None:  # a WorldConfig or WorldV2Config
         bad = [v for v in self.variants if v not in VARIANTS]
@@ -89,9 +89,10 @@ class EvalConfig:
         if self.denoise_steps < 1:
             raise InvalidRequestError("denoise_steps", "must be positive")
         if self.distinct_users < 2 or not 1 <= self.distinct_prompts <= world.test_prompts:
-            raise InvalidRequestError(
-                "distinct_users", f"needs at least 2 users and 1 to {world.test_prompts} prompts (the world's)"
-            )
+            raise InvalidRequestError("distinct_users", f"needs >= 2 users, 1 to {world.test_prompts} prompts")
+        for name, seed in (("stage1_seed", self.stage1_seed), ("fit_seed", self.fit_seed)):
+            if seed is not None and not 0 <= seed < 2**31:
+                raise InvalidRequestError(name, f"must be in [0, 2^31), got {seed}")
         lora_modes(self.baselines, self.lora_ranks)
         for r in self.lora_ranks:
             check_rank(r)
@@ -108,8 +109,10 @@ class Evaluator:
         cfg = self.info["config"]
         self.world = world_config(cfg["world"])
         self.world_ops = world_of(self.world)
-        self.stage1 = Stage1Config.from_dict(cfg["stage1"])
-        self.stage2 = Stage2Config.from_dict(cfg["stage2"])
+        s1, s2 = Stage1Config.from_dict(cfg["stage1"]), Stage2Config.from_dict(cfg["stage2"])
+        self.shipped_seeds, given = (s1.seed, s2.seed), (config.stage1_seed, config.fit_seed)
+        self.seeds = tuple(s if c is None else c for c, s in zip(given, self.shipped_seeds))
+        self.stage1, self.stage2 = replace(s1, seed=self.seeds[0]), replace(s2, seed=self.seeds[1])
         config.check(self.world)
         self.config, self.progress, self.log = config, progress, log
         self.spec = EmbeddedSpec()
@@ -139,6 +142,7 @@ class Evaluator:
                 "history": config.history,
                 "denoise_steps": config.denoise_steps,
                 "seed": config.seed,
+                **({"seeds": list(self.seeds)} if self.seeds != self.shipped_seeds else {}),
             },
         )
 
@@ -156,10 +160,11 @@ class Evaluator:
 
     # ------------------------------------------------------------------ pieces
     def checkpoint(self, variant: str) -> tuple[PremierModel, str]:
-        if variant == "premier":
+        if variant == "premier" and self.stage1.seed == self.shipped_seeds[0]:
             model, ckpt = PremierModel.load(self.world_dir / PREMIER_DIR)
-        else:
-            run = stage1_dir(self.work, variant)
+        else:  # an ablation, or Premier with another stage-1 seed
+            seed = self.stage1.seed
+            run = stage1_dir(self.work, variant if seed == self.shipped_seeds[0] else f"{variant}-seed{seed}")
             settings = {"variant": variant, "world": self.info["config"]["world"], "stage1": self.stage1.to_dict()}
             folder = latest_checkpoint(run)
             if folder is not None or (run / RUN_SETTINGS).is_file():  # recorded when a run starts: finished or
@@ -180,23 +185,18 @@ class Evaluator:
             (prepared / RUN_SETTINGS).write_text(json.dumps(world, indent=1) + "\n")
         else:  # the training users of another world would train a stage 1 that has nothing to do with this one
             check_settings(prepared / RUN_SETTINGS, world)
-        started = time.perf_counter()
-        flux, data = self.flux_pipe.transformer, PreparedDataset(prepared)
-        trainer = resume_trainer(flux, data, run, variant, self.stage1.steps) if resume else None
-        if trainer is None:
-            shutil.rmtree(run, ignore_errors=True)
-            run.mkdir(parents=True)
-            (run / RUN_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
-            trainer = build_trainer(flux, data, run, variant, self.stage1, embedded_premier_config(self.spec))
-        else:
-            self.log(f"eval: resuming stage 1 '{variant}' at step {trainer.step}")
-        trainer.run(progress=self.progress)
-        self.log(
-            f"eval: trained stage 1 '{variant}' ({self.stage1.steps} steps) in {time.perf_counter() - started:.0f}s"
+        return train_variant(
+            self.flux_pipe.transformer,
+            PreparedDataset(prepared),
+            run,
+            variant,
+            self.stage1,
+            embedded_premier_config(self.spec),
+            settings,
+            resume,
+            self.log,
+            self.progress,
         )
-        folder = latest_checkpoint(run)
-        assert folder is not None
-        return folder
 
     def fit_users(
         self, premier: PremierModel, ckpt: str, users: list[WorldUser], k: int, mode: str, keep: str | None = None

@@ -72,7 +72,10 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
         + ".  ",
         f"Test users: {cfg['test_users']} held-out users x {results['world']['world']['test_prompts']} "
         f"test prompts, each user fitted by stage 2 (linear combination) from {cfg['history']} history images; "
-        f"{cfg['denoise_steps']} denoising steps, one seed per (user, prompt).",
+        f"{cfg['denoise_steps']} denoising steps, one seed per (user, prompt). Stage-1 seed: "
+        + ("the world's (the shipped checkpoint)" if cfg.get("stage1_seed") is None else str(cfg["stage1_seed"]))
+        + "; stage-2 (fitting) seed: "
+        + ("the world's." if cfg.get("fit_seed") is None else f"{cfg['fit_seed']}."),
         "",
         "Metrics (all from images, by the probe; see world.md): **alignment** = mean probability of the user's level of each",
         "style factor (ViPer score analogue, higher is better); **win rate** = share of (user, prompt) pairs whose alignment",

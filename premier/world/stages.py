@@ -11,6 +11,10 @@ Ablations (DESIGN section 1; the paper's Table 2), each a stage-1 run on the sam
 
 from __future__ import annotations
 
+import json
+import shutil
+import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +29,9 @@ from premier.errors import InvalidRequestError
 from premier.training.config import Stage1Config, Stage2Config
 from premier.training.objective import build_optimizer
 from premier.training.prepared import Batch, DataEncoder, PreparedDataset, prepare_dataset
-from premier.training.stage1 import Stage1Trainer
+from premier.training.stage1 import Stage1Trainer, latest_checkpoint
 from premier.training.stage2 import FitResult, fit_user
+from premier.world.eval_cache import RUN_SETTINGS
 from premier.world.users import WorldUser
 
 VARIANTS = ("premier", "no_dispersion", "no_shared", "no_distinct", "no_ppm")
@@ -146,3 +151,33 @@ def fit_together(
             raise result
         out.append(result.record.materialise(premier.users, checkpoint_id))
     return out
+
+
+def train_variant(
+    flux: Any,
+    dataset: PreparedDataset,
+    run: Path,
+    variant: str,
+    config: Stage1Config,
+    premier_config: Any,
+    settings: dict[str, Any],
+    resume: bool,
+    log: Callable[[str], None],
+    progress: bool = False,
+) -> Path:
+    """Train a variant's stage 1 into `run`, or continue its interrupted run (`resume`: it has a checkpoint and
+    was started with these `settings`, which a fresh run records first); the last checkpoint's folder."""
+    started = time.perf_counter()
+    trainer = resume_trainer(flux, dataset, run, variant, config.steps) if resume else None
+    if trainer is None:
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir(parents=True)
+        (run / RUN_SETTINGS).write_text(json.dumps(settings, indent=1) + "\n")
+        trainer = build_trainer(flux, dataset, run, variant, config, premier_config)
+    else:
+        log(f"eval: resuming stage 1 '{variant}' at step {trainer.step}")
+    trainer.run(progress=progress)
+    log(f"eval: trained stage 1 '{variant}' ({config.steps} steps) in {time.perf_counter() - started:.0f}s")
+    folder = latest_checkpoint(run)
+    assert folder is not None
+    return folder

@@ -270,3 +270,26 @@ def test_an_interrupted_ablation_run_resumes_from_its_last_checkpoint(tiny_world
     assert int(latest_checkpoint(run).name.split("-")[-1]) == stage1.steps == 2
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]  # the first step from the interrupted run, the second from the resumed one
+
+
+def test_other_seeds_train_their_own_stage1_and_fit_with_their_own_seed(tiny_world, tmp_path, capsys):
+    """Seeds for the statistics: another stage-1 seed trains Premier too (into WORK, once), another fit seed refits;
+    neither reuses the shipped checkpoint's rows, and bad seeds are refused naming the flag's field."""
+    root, _ = tiny_world
+    work, docs = tmp_path / "work", tmp_path / "docs"
+    argv = ["eval", "--quick", "--world", str(root / "out"), "--work", str(work), "--docs", str(docs), "--quiet"]
+    assert main([*argv, "--variants", "premier", "--stage1-seed", "7", "--fit-seed", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "eval: trained stage 1 'premier'" in out and "from the cache" not in out
+    run = work / "stage1-premier-seed7"
+    assert json.loads((run / "eval-run.json").read_text())["stage1"]["seed"] == 7
+    results = json.loads((docs / "eval.json").read_text())
+    assert results["config"]["stage1_seed"] == 7 and results["config"]["fit_seed"] == 3
+    assert "Stage-1 seed: 7; stage-2 (fitting) seed: 3." in (docs / "eval.md").read_text()
+    # The same seeds again: everything from the cache and the finished run.
+    assert main([*argv, "--variants", "premier", "--stage1-seed", "7", "--fit-seed", "3", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "eval: premier from the cache" in out and "trained stage 1" not in out
+    for flag, value in (("--stage1-seed", "-1"), ("--fit-seed", str(2**31))):
+        assert main([*argv, flag, value]) == EXIT_BAD_INPUT
+        assert f"{flag[2:].replace('-', '_')}: must be in [0, 2^31)" in capsys.readouterr().err
