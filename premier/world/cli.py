@@ -11,6 +11,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from premier.errors import InvalidRequestError
+
 DEFAULT_WORK = "world-work"
 
 
@@ -138,6 +140,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_seeds(args: argparse.Namespace) -> int:
+    from premier.world.seeds import combine, write_seeds_report
+
+    runs = []
+    for name in args.runs:
+        path = Path(name)
+        if not path.is_file() or path.stat().st_size > 64 * 2**20:
+            raise InvalidRequestError("runs", f"{name} is not an eval.json of at most 64 MiB")
+        try:
+            runs.append(json.loads(path.read_text()))
+            runs[-1]["config"]["test_users"]  # noqa: B018 - the shape `premier eval` writes
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise InvalidRequestError("runs", f"{name} is not an eval.json written by premier eval ({e})") from None
+    written = write_seeds_report(combine(runs), args.docs, list(args.runs))
+    print("premier eval-seeds: wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     assets = _default_assets()
     world = subparsers.add_parser(
@@ -242,3 +262,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_positive_int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser(
+        "eval-seeds",
+        help="read several `premier eval` runs that differ in their seeds as one result",
+        description="Combine eval.json files of runs with different --stage1-seed / --fit-seed: each of the paper's "
+        "claims with an interval that resamples stage-1 seeds and test users, labelled reproduced, not reproduced "
+        "or within noise (docs/eval_seeds.md).",
+    )
+    p.add_argument("runs", nargs="+", help="eval.json files of the runs")
+    p.add_argument("--docs", default="docs", help="where eval_seeds.md and eval_seeds.json go (default docs)")
+    p.set_defaults(func=cmd_eval_seeds)

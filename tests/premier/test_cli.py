@@ -11,7 +11,7 @@ from PIL import Image
 
 from premier.cli import EXIT_BAD_INPUT, EXIT_LOAD_ERROR, build_parser, main
 
-SUBCOMMANDS = ["generate", "demo", "info", "data", "train", "fit-user", "users", "world", "eval", "serve"]
+SUBCOMMANDS = ["generate", "demo", "info", "data", "train", "fit-user", "users", "world", "eval", "eval-seeds", "serve"]
 
 
 def test_every_subcommand_has_help():
