@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from premier.world.seeds import claim_lines, combine
+
 LABELS = {
     "premier": "Premier (full)",
     "no_dispersion": "w/o dispersion loss",
@@ -105,6 +107,18 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
         )
     lines += ["", *findings(rows, sweep, results.get("pairs"), results["world"]["world"].get("test_prompts"))]
     lines += analysis_lines(results, names)
+    claims = combine([results])["claims"] if results.get("pairs") else []
+    if claims:
+        lines += [
+            "",
+            "## The paper's claims in this run",
+            "",
+            "Per test user differences (its prompts averaged), 95 % interval by a bootstrap over users: one stage-1 "
+            "seed, so nothing here is about another training run (`premier eval-seeds` combines runs with other "
+            "seeds). Reproduced: the interval excludes 0 on the paper's side; not reproduced: on the other side.",
+            "",
+            *claim_lines({"claims": claims}),
+        ]
     if sweep:
         ks = sorted({int(k) for m in sweep.values() for k in m})
         lines += [

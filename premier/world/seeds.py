@@ -28,18 +28,37 @@ CLAIMS = (  # (label, higher, lower, reading): the paper says `higher` beats `lo
     ("w/o block-distinct adapter is worse (Table 2)", "premier", "no_distinct", "alignment"),
     ("w/o PPM is worse (Table 2)", "premier", "no_ppm", "alignment"),
     ("dispersion makes users more distinguishable (Fig. 8)", "premier", "no_dispersion", "distinct"),
+    *(  # Fig. 6: below 8 history images linear combination wins; above, direct fitting (from scratch) does
+        (
+            f"linear combination beats direct fitting at {k} images (Fig. 6)",
+            f"sweep-coefficients-{k}",
+            f"sweep-direct-{k}",
+            "sweep",
+        )
+        for k in (1, 2, 4)
+    ),
+    *(
+        (
+            f"direct fitting beats linear combination at {k} images (Fig. 6)",
+            f"sweep-direct-{k}",
+            f"sweep-coefficients-{k}",
+            "sweep",
+        )
+        for k in (16, 32)
+    ),
 )
 
 
 def per_user(run: dict[str, Any], key: str, reading: str) -> np.ndarray | None:
-    """Per test user: mean alignment over its prompts ("alignment"), or its Fig. 8 accuracy ("distinct")."""
+    """Per test user: mean alignment over its prompts ("alignment"; "sweep": the sweep's users), or its Fig. 8
+    accuracy ("distinct")."""
     if reading == "distinct":
         row = (run.get("distinct") or {}).get(key)
         return None if row is None else np.asarray(row["per_user"], dtype=np.float64)
     pairs = (run.get("pairs") or {}).get(key)
     if pairs is None:
         return None
-    users = run["config"]["test_users"]
+    users = run["config"]["sweep_users" if reading == "sweep" else "test_users"]
     return np.asarray(pairs, dtype=np.float64).reshape(users, -1).mean(1)
 
 
@@ -83,19 +102,34 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 by_seed.setdefault(-1 if s1 is None else s1, []).append(a - b)
         if not by_seed:
             continue
-        mean, lo, hi = seed_bootstrap({s: np.mean(d, axis=0) for s, d in by_seed.items()})
+        table = {s: np.mean(d, axis=0) for s, d in by_seed.items()}
+        mean, lo, hi = seed_bootstrap(table)
+        users = len(next(iter(table.values())))
         claims.append(
             {
                 "claim": label,
                 "difference": round(mean, 5),
                 "interval": [round(lo, 5), round(hi, 5)],
-                "verdict": verdict(lo, hi),
+                "verdict": verdict(lo, hi) if users > 1 or len(table) > 1 else "one user: no interval",
+                "users": users,
                 "reading": reading,
                 "stage1_seeds": len(by_seed),
                 "runs": sum(len(d) for d in by_seed.values()),
             }
         )
     return {"runs": len(runs), "seeds": [list(s) for s in seeds], "claims": claims}
+
+
+def claim_lines(result: dict[str, Any]) -> list[str]:
+    """The claims as a Markdown table (docs/eval_seeds.md, and docs/eval.md for its one run)."""
+    lines = ["| claim | difference | 95 % interval | stage-1 seeds | runs | verdict |", "|---|---|---|---|---|---|"]
+    for c in result["claims"]:
+        lo, hi = c["interval"]
+        lines.append(
+            f"| {c['claim']} | {c['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {c['stage1_seeds']} | {c['runs']} | "
+            f"{c['verdict']} |"
+        )
+    return lines
 
 
 def write_seeds_report(result: dict[str, Any], out: str | Path, sources: list[str]) -> list[Path]:
@@ -113,19 +147,12 @@ def write_seeds_report(result: dict[str, Any], out: str | Path, sources: list[st
         "within a stage-1 seed; 95 % intervals resample stage-1 seeds and users. With one stage-1 seed the interval "
         "is over users only and says nothing about another training run.",
         "",
-        "| claim | difference | 95 % interval | stage-1 seeds | runs | verdict |",
-        "|---|---|---|---|---|---|",
+        *claim_lines(result),
     ]
-    for c in result["claims"]:
-        lo, hi = c["interval"]
-        lines.append(
-            f"| {c['claim']} | {c['difference']:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {c['stage1_seeds']} | {c['runs']} | "
-            f"{c['verdict']} |"
-        )
     md, js = out / "eval_seeds.md", out / "eval_seeds.json"
     md.write_text("\n".join(lines) + "\n")
     js.write_text(json.dumps(result, indent=1) + "\n")
     return [md, js]
 
 
-__all__ = ["CLAIMS", "combine", "per_user", "seed_bootstrap", "verdict", "write_seeds_report"]
+__all__ = ["CLAIMS", "claim_lines", "combine", "per_user", "seed_bootstrap", "verdict", "write_seeds_report"]

@@ -96,3 +96,24 @@ def test_the_command_writes_its_report(tmp_path, capsys):
     assert "| Premier beats the base model (Table 1) | +0.0" in report and "| 2 | 3 | reproduced |" in report
     saved = json.loads((tmp_path / "docs" / "eval_seeds.json").read_text())
     assert saved["runs"] == 3 and claim(saved, "beats the base")["verdict"] == "reproduced"
+
+
+def test_fig6_claims_read_the_sweeps_users():
+    """The sweep has its own (fewer) users: linear combination ahead at 1 image, direct fitting ahead at 16."""
+    result = run(0, None, 0.05)
+    result["config"]["sweep_users"] = 3
+    rng = np.random.default_rng(3)
+    low = rng.uniform(0.2, 0.3, 3 * PROMPTS)
+    result["pairs"].update(
+        {
+            "sweep-coefficients-1": (low + 0.04).tolist(),
+            "sweep-direct-1": low.tolist(),
+            "sweep-coefficients-16": low.tolist(),
+            "sweep-direct-16": (low + 0.03).tolist(),
+        }
+    )
+    claims = combine([result])
+    at1 = claim(claims, "linear combination beats direct fitting at 1 images")
+    assert at1["verdict"] == "reproduced" and at1["users"] == 3 and at1["difference"] == pytest.approx(0.04)
+    assert claim(claims, "direct fitting beats linear combination at 16 images")["verdict"] == "reproduced"
+    assert not any("at 2 images" in c["claim"] for c in claims["claims"])  # not in the sweep: not claimed

@@ -197,6 +197,12 @@ def test_a_v2_world_builds_and_evaluates_end_to_end(tiny_v2, tmp_path):
     assert all(d["users"] == 2 and d["prompts"] == 2 and 0 <= d["accuracy"] <= 1 for d in distinct.values())
     report = (docs / "eval.md").read_text()
     assert "## Alignment by style factor" in report and "## Fig. 8: user distinguishability" in report
+    # The paper's claims this run can answer, each labelled (2 users: an interval over users; the sweep has 1).
+    assert "## The paper's claims in this run" in report
+    claim = next(line for line in report.splitlines() if line.startswith("| Premier beats the base model"))
+    assert claim.endswith(("| reproduced |", "| not reproduced |", "| within noise |")), claim
+    fig6 = next(line for line in report.splitlines() if "linear combination beats direct fitting at 1 images" in line)
+    assert fig6.endswith("| one user: no interval |")
     # A rerun reuses the fitted users (cached per user) and the generated images: the same numbers.
     assert main([*argv, "--variants", "premier", "--test-users", "2", "--sweep-users", "1", "--quiet"]) == 0
     again = json.loads((docs / "eval.json").read_text())
