@@ -30,7 +30,7 @@ CLAIMS = (  # (label, higher, lower, reading): the paper says `higher` beats `lo
     ("dispersion makes users more distinguishable (Fig. 8)", "premier", "no_dispersion", "distinct"),
     *(  # Fig. 6: below 8 history images linear combination wins; above, direct fitting (from scratch) does
         (
-            f"linear combination beats direct fitting at {k} images (Fig. 6)",
+            f"linear combination beats direct fitting with {k} history image{'s' if k > 1 else ''} (Fig. 6)",
             f"sweep-coefficients-{k}",
             f"sweep-direct-{k}",
             "sweep",
@@ -39,7 +39,7 @@ CLAIMS = (  # (label, higher, lower, reading): the paper says `higher` beats `lo
     ),
     *(
         (
-            f"direct fitting beats linear combination at {k} images (Fig. 6)",
+            f"direct fitting beats linear combination with {k} history images (Fig. 6)",
             f"sweep-direct-{k}",
             f"sweep-coefficients-{k}",
             "sweep",

@@ -113,7 +113,7 @@ def test_fig6_claims_read_the_sweeps_users():
         }
     )
     claims = combine([result])
-    at1 = claim(claims, "linear combination beats direct fitting at 1 images")
+    at1 = claim(claims, "linear combination beats direct fitting with 1 history image ")
     assert at1["verdict"] == "reproduced" and at1["users"] == 3 and at1["difference"] == pytest.approx(0.04)
-    assert claim(claims, "direct fitting beats linear combination at 16 images")["verdict"] == "reproduced"
-    assert not any("at 2 images" in c["claim"] for c in claims["claims"])  # not in the sweep: not claimed
+    assert claim(claims, "direct fitting beats linear combination with 16 history images")["verdict"] == "reproduced"
+    assert not any("with 2 history images" in c["claim"] for c in claims["claims"])  # not in the sweep: not claimed

@@ -201,7 +201,9 @@ def test_a_v2_world_builds_and_evaluates_end_to_end(tiny_v2, tmp_path):
     assert "## The paper's claims in this run" in report
     claim = next(line for line in report.splitlines() if line.startswith("| Premier beats the base model"))
     assert claim.endswith(("| reproduced |", "| not reproduced |", "| within noise |")), claim
-    fig6 = next(line for line in report.splitlines() if "linear combination beats direct fitting at 1 images" in line)
+    fig6 = next(
+        line for line in report.splitlines() if "linear combination beats direct fitting with 1 history image " in line
+    )
     assert fig6.endswith("| one user: no interval |")
     # A rerun reuses the fitted users (cached per user) and the generated images: the same numbers.
     assert main([*argv, "--variants", "premier", "--test-users", "2", "--sweep-users", "1", "--quiet"]) == 0
