@@ -123,7 +123,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if getattr(args, k) is not None
     }
     if args.variants:
-        overrides["variants"] = tuple(v for v in args.variants.split(",") if v)
+        from premier.world.stages import canonical_variant
+
+        overrides["variants"] = tuple(canonical_variant(v) for v in args.variants.split(",") if v)
     if args.baseline:
         overrides["baselines"] = tuple(args.baseline)
     if args.lora_ranks:
@@ -230,7 +232,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--docs", default="docs", help="where eval.md, eval.json and the plots go (default docs)")
     p.add_argument(
-        "--variants", help="comma-separated: premier,no_dispersion,no_shared,no_distinct,no_ppm (default: all)"
+        "--variants",
+        help="comma-separated: premier,no_dispersion,no_shared,no_distinct,no_ppm (default: all); a variant may "
+        "carry other dispersion settings, each its own stage-1 run: premier:diag, premier:dim:lambda=0.01, "
+        "premier:tau=0.5 (forms dim, diag, mean, none)",
     )
     p.add_argument("--test-users", type=_positive_int, help="held-out users to evaluate (default 12, all of them)")
     p.add_argument("--history", type=_positive_int, help="history images per test user (default 8)")

@@ -6,9 +6,9 @@ against the ground truth. Rows:
 
 - ground truth: canonical renders (the metrics' ceiling);
 - base: the base model without a user (the FLUX.1-dev analogue);
-- premier and the ablations (`premier.world.stages.VARIANTS`), each its own stage-1 run with
-  the same data and budget (the shipped checkpoint is `premier`; ablations are trained into
-  WORK on first use and reused afterwards);
+- premier and the ablations (`premier.world.stages.VARIANTS`, optionally with other dispersion
+  settings), each its own stage-1 run with the same data and budget (the shipped checkpoint is
+  `premier`; the others are trained into WORK on first use and reused afterwards);
 - the Fig. 6 sweep: linear combination vs direct fitting at each history size, and the onboarding
   fast fit (`Stage2Config.fast()`, what the server's resident fit workers run);
 - per style factor alignment and Fig. 8's user distinguishability (premier/world/analysis.py).
@@ -37,21 +37,13 @@ from premier.requests import GenerationRequest, GenerationSettings
 from premier.training.config import Stage1Config, Stage2Config
 from premier.training.prepared import DataEncoder, PreparedDataset
 from premier.training.stage1 import latest_checkpoint
+from premier.world import stages
 from premier.world.analysis import distinct_row, factor_means
 from premier.world.build import PROBE_DIR, read_world, stage1_dir
 from premier.world.eval_cache import RUN_SETTINGS, ResultCache, check_settings
 from premier.world.lora_rows import lora_modes, lora_sweep_row, rank_of
 from premier.world.report import write_report
 from premier.world.spec import content_of
-from premier.world.stages import (
-    VARIANTS,
-    encode_user,
-    fit,
-    fit_together,
-    prepare,
-    train_variant,
-    use_variant,
-)
 from premier.world.users import WorldUser
 from premier.world.worlds import load_probe, world_config, world_of
 
@@ -65,7 +57,7 @@ class EvalConfig:
     history: int = 8
     sweep: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     sweep_users: int = 4
-    variants: tuple[str, ...] = VARIANTS
+    variants: tuple[str, ...] = stages.VARIANTS
     denoise_steps: int = 8
     seed: int = 0
     baselines: tuple[str, ...] = ()  # "lora": per-user LoRA rows in the sweep (premier/world/lora_rows.py)
@@ -76,9 +68,11 @@ class EvalConfig:
     fit_seed: int | None = None  # stage 2's seed; None: the world's
 
     def check(self, world: Any) -> None:  # a WorldConfig or WorldV2Config
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad:
-            raise InvalidRequestError("variants", f"unknown {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
+        for v in self.variants:  # parsed (a bad one is named), one spelling each: one run and one row per setting
+            if stages.canonical_variant(v) != v:
+                raise InvalidRequestError("variants", f"write {v!r} as {stages.canonical_variant(v)!r}")
+        if len(set(self.variants)) != len(self.variants):
+            raise InvalidRequestError("variants", f"a variant is given twice: {', '.join(self.variants)}")
         if not 1 <= self.test_users <= world.test_users:
             raise InvalidRequestError("test_users", f"must be in [1, {world.test_users}] (the world's test users)")
         if not 1 <= self.sweep_users <= self.test_users:
@@ -164,7 +158,8 @@ class Evaluator:
             model, ckpt = PremierModel.load(self.world_dir / PREMIER_DIR)
         else:  # an ablation, or Premier with another stage-1 seed
             seed = self.stage1.seed
-            run = stage1_dir(self.work, variant if seed == self.shipped_seeds[0] else f"{variant}-seed{seed}")
+            name = stages.variant_folder(variant)
+            run = stage1_dir(self.work, name if seed == self.shipped_seeds[0] else f"{name}-seed{seed}")
             settings = {"variant": variant, "world": self.info["config"]["world"], "stage1": self.stage1.to_dict()}
             folder = latest_checkpoint(run)
             if folder is not None or (run / RUN_SETTINGS).is_file():  # recorded when a run starts: finished or
@@ -172,7 +167,7 @@ class Evaluator:
             if folder is None or int(folder.name.split("-")[-1]) < self.stage1.steps:
                 folder = self._train(variant, run, settings, resume=folder is not None)
             model, ckpt = PremierModel.load(folder)
-        return use_variant(model, variant, self.empty_text), ckpt
+        return stages.use_variant(model, variant, self.empty_text), ckpt
 
     def _train(self, variant: str, run: Path, settings: dict[str, Any], resume: bool) -> Path:
         """Train (or continue: an interrupted eval resumes from the run's last checkpoint) a variant's stage 1."""
@@ -181,11 +176,13 @@ class Evaluator:
         if not (prepared / "dataset.json").is_file():
             self.log(f"eval: writing and preparing the training data in {self.work}")
             self.world_ops.write_training_data(self.work / "raw")
-            prepare(self.flux_pipe, self.work / "raw", prepared, self.spec.image_size, self.spec.max_sequence_length)
+            stages.prepare(
+                self.flux_pipe, self.work / "raw", prepared, self.spec.image_size, self.spec.max_sequence_length
+            )
             (prepared / RUN_SETTINGS).write_text(json.dumps(world, indent=1) + "\n")
         else:  # the training users of another world would train a stage 1 that has nothing to do with this one
             check_settings(prepared / RUN_SETTINGS, world)
-        return train_variant(
+        return stages.train_variant(
             self.flux_pipe.transformer,
             PreparedDataset(prepared),
             run,
@@ -204,8 +201,8 @@ class Evaluator:
         """Each user's tokens; with `keep` (a variant), cached per user so later rows reuse the fit. Mode "fast":
         the onboarding path's fits, every user in the same passes."""
         if mode == "fast":
-            batches = {u.user_id: encode_user(self.encoder, u, k) for u in users}
-            return fit_together(
+            batches = {u.user_id: stages.encode_user(self.encoder, u, k) for u in users}
+            return stages.fit_together(
                 self.flux_pipe.transformer, premier, ckpt, batches, Stage2Config.fast(seed=self.stage2.seed)
             )
         tokens = []
@@ -214,11 +211,11 @@ class Evaluator:
             if keep is not None and (hit := self.cache.get_tensor(name)) is not None:
                 tokens.append(hit)
                 continue
-            result = fit(
+            result = stages.fit(
                 self.flux_pipe.transformer,
                 premier,
                 ckpt,
-                encode_user(self.encoder, user, k),
+                stages.encode_user(self.encoder, user, k),
                 user.user_id,
                 mode,
                 self.stage2,

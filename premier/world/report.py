@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from premier.world.seeds import claim_lines, combine
+from premier.world.seeds import claim_lines, combine, seed_bootstrap
 
 LABELS = {
     "premier": "Premier (full)",
@@ -18,6 +18,22 @@ LABELS = {
     "no_distinct": "w/o block-distinct adapter",
     "no_ppm": "w/o PPM (empty prompt into the adapters)",
 }
+
+
+SETTING_WORDS = {"lambda": "λ", "tau": "τ"}
+
+
+def variant_label(key: str) -> str:
+    """`premier:dim:lambda=0.01` reads "Premier (full), dispersion dim, λ 0.01" (premier/world/stages.py's grammar)."""
+    ablation, *settings = key.split(":")
+    words = [f"{SETTING_WORDS[k]} {v}" if v else f"dispersion {k}" for k, _, v in (s.partition("=") for s in settings)]
+    return ", ".join([LABELS.get(ablation, ablation), *words])
+
+
+def variant_keys(rows: dict[str, Any]) -> list[str]:
+    """The rows that are stage-1 variants, the ablations in Table 2's order, each followed by its settings runs."""
+    keys = [k for k in rows if k.split(":")[0] in LABELS]
+    return sorted(keys, key=lambda k: (list(LABELS).index(k.split(":")[0]), k))
 
 
 SWEEP_LABELS = {
@@ -99,7 +115,7 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
         "ground_truth": "ground-truth renders (ceiling)",
         "base": "base model, no user",
         "start": START_LABEL,
-        **LABELS,
+        **{k: variant_label(k) for k in variant_keys(rows)},
     }
     for key, row in rows.items():
         lines.append(
@@ -107,8 +123,8 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
         )
     lines += ["", *findings(rows, sweep, results.get("pairs"), results["world"]["world"].get("test_prompts"))]
     lines += analysis_lines(results, names)
-    claims = combine([results])["claims"] if results.get("pairs") else []
-    if claims:
+    combined = combine([results]) if results.get("pairs") else {"claims": []}
+    if combined["claims"]:
         lines += [
             "",
             "## The paper's claims in this run",
@@ -117,7 +133,7 @@ def write_report(results: dict[str, Any], docs: str | Path, command: str) -> lis
             "seed, so nothing here is about another training run (`premier eval-seeds` combines runs with other "
             "seeds). Reproduced: the interval excludes 0 on the paper's side; not reproduced: on the other side.",
             "",
-            *claim_lines({"claims": claims}),
+            *claim_lines(combined),
         ]
     if sweep:
         ks = sorted({int(k) for m in sweep.values() for k in m})
@@ -243,23 +259,9 @@ def analysis_lines(results: dict[str, Any], names: dict[str, str]) -> list[str]:
     return lines
 
 
-def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
-    """Mean of a - b over the same (user, prompt, seed) pairs and the half-width of its 95 % interval
-    (normal approximation): one seed per setting, so this is the noise a difference must beat."""
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d)) if len(d) > 1 else float("inf")
-    return float(d.mean()), float(half)
-
-
 def user_bootstrap(per_user: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
     """Mean and 95 % percentile interval, resampling users (a user's prompts share one fit: not independent)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    v = torch.tensor(per_user, dtype=torch.float64)
-    idx = torch.randint(0, len(per_user), (draws, len(per_user)), generator=g)
-    means = v[idx].mean(dim=1)
-    return float(v.mean()), float(means.quantile(0.025)), float(means.quantile(0.975))
+    return seed_bootstrap({0: np.asarray(per_user, dtype=np.float64)}, draws, seed)
 
 
 def per_user(values: list[float], counts: list[int]) -> list[float]:
@@ -280,10 +282,14 @@ def _versus_users(a: list[float], b: list[float], prompts_per_user: int) -> str:
     return f"{mean:+.3f} [{lo:+.3f}, {hi:+.3f}] over {users} users ({verdict})"
 
 
-def _versus(a: list[float], b: list[float]) -> str:
-    d, half = paired_difference(a, b)
-    verdict = "within noise" if abs(d) <= half else ("higher" if d > 0 else "lower")
-    return f"{d:+.3f} ± {half:.3f} ({verdict})"
+def _versus(a: list[float], b: list[float], prompts_per_user: int | None) -> str:
+    """a - b, paired over the same (user, prompt, seed); its interval is over users, never over images."""
+    d = float(np.mean(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)))
+    if not prompts_per_user or len(a) % prompts_per_user:
+        return f"{d:+.3f} (no interval: prompts per user unknown)"
+    if len(a) < 2 * prompts_per_user:
+        return f"{d:+.3f} (one user: no interval)"
+    return _versus_users(a, b, prompts_per_user)
 
 
 def findings(
@@ -298,33 +304,34 @@ def findings(
     interval; "within noise" means the interval includes 0."""
     pairs = pairs or {}
     out = [
-        "Reading (differences against the base model; the win rate's chance level is 0.5; ± is a 95 % interval",
-        "of the paired alignment difference over the same users, prompts and seeds):",
+        "Reading (differences against the base model; the win rate's chance level is 0.5; alignment differences are",
+        "paired over the same users, prompts and seeds, with a 95 % interval from a bootstrap over test users, each",
+        "user's prompts averaged first, as they share one fit):",
         "",
     ]
     base = rows["base"]
-    for key in [k for k in LABELS if k in rows]:
+    for key in variant_keys(rows):
         r = rows[key]
         align = (
-            _versus(pairs[key], pairs["base"])
+            _versus(pairs[key], pairs["base"], prompts_per_user)
             if key in pairs and "base" in pairs
             else f"{r['alignment'] - base['alignment']:+.3f}"
         )
         out.append(
-            f"- {LABELS[key]}: alignment {align}, win rate {r['win_rate']:.3f}, "
+            f"- {variant_label(key)}: alignment {align}, win rate {r['win_rate']:.3f}, "
             f"text {r['text'] - base['text']:+.3f}, distance {r['distance'] - base['distance']:+.3f}."
         )
     if "start" in rows and "premier" in rows and {"start", "premier"} <= set(pairs):
         out.append(
-            f"- What fitting adds: Premier minus its starting point, alignment {_versus(pairs['premier'], pairs['start'])}."
+            f"- What fitting adds: Premier minus its starting point, alignment {_versus(pairs['premier'], pairs['start'], prompts_per_user)}."
         )
     if "premier" in rows:
-        for key in [k for k in LABELS if k in rows and k != "premier"]:
+        for key in [k for k in variant_keys(rows) if k != "premier"]:
             if key in pairs and "premier" in pairs:
-                out.append(f"- {LABELS[key]} vs full Premier: alignment {_versus(pairs[key], pairs['premier'])}.")
+                d = _versus(pairs[key], pairs["premier"], prompts_per_user)
             else:
-                d = rows[key]["alignment"] - rows["premier"]["alignment"]
-                out.append(f"- {LABELS[key]} vs full Premier: alignment {d:+.3f}.")
+                d = f"{rows[key]['alignment'] - rows['premier']['alignment']:+.3f}"
+            out.append(f"- {variant_label(key)} vs full Premier: alignment {d}.")
     missing = [LABELS[k] for k in LABELS if k not in rows]
     if missing:
         out.append(
@@ -346,9 +353,8 @@ def findings(
         for k in sorted(set(sweep[a]) & set(sweep[b]), key=int):
             x, y = sweep[a][k]["alignment"], sweep[b][k]["alignment"]
             keys = (f"sweep-{a}-{k}", f"sweep-{b}-{k}")
-            diff = _versus(pairs[keys[0]], pairs[keys[1]]) if all(key in pairs for key in keys) else f"{x - y:+.3f}"
-            if prompts_per_user and all(key in pairs for key in keys) and len(pairs[keys[0]]) >= 2 * prompts_per_user:
-                diff += "; by users: " + _versus_users(pairs[keys[0]], pairs[keys[1]], prompts_per_user)
+            have = all(key in pairs for key in keys)
+            diff = _versus(pairs[keys[0]], pairs[keys[1]], prompts_per_user) if have else f"{x - y:+.3f}"
             out.append(f"- {k} history images{prefix}: {reading} {diff} ({x:.3f} vs {y:.3f}).")
     return out
 
@@ -358,10 +364,11 @@ __all__ = [
     "SWEEP_LABELS",
     "START_LABEL",
     "findings",
-    "paired_difference",
     "per_user",
     "sweep_label",
     "sweep_modes",
     "user_bootstrap",
+    "variant_keys",
+    "variant_label",
     "write_report",
 ]

@@ -7,11 +7,17 @@ Ablations (DESIGN section 1; the paper's Table 2), each a stage-1 run on the sam
   LayerNorm gain and bias are zeroed and frozen), so only the other adapter modulates;
 - `no_ppm`: the adapters read the empty prompt instead of the prompt, in training and at
   inference, so the offset depends on the user only (no prompt preference modulation).
+
+A variant may carry stage-1 settings that differ from the world's, for the dispersion comparisons (issue 18's
+forms and lambda sweep): `<variant>:<setting>:...`, each setting a dispersion form (`dim`, `diag`, `mean`, `none`:
+`premier.training.losses.dispersion_loss`), `lambda=<x>` (both dispersion weights) or `tau=<x>`; for example
+`premier:diag`, `premier:dim:lambda=0.01`. Each is its own stage-1 run and row.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +33,7 @@ from premier.adapters import PremierAdapters
 from premier.checkpoint import PremierModel
 from premier.errors import InvalidRequestError
 from premier.training.config import Stage1Config, Stage2Config
+from premier.training.losses import DISPERSION_SCALES
 from premier.training.objective import build_optimizer
 from premier.training.prepared import Batch, DataEncoder, PreparedDataset, prepare_dataset
 from premier.training.stage1 import Stage1Trainer, latest_checkpoint
@@ -73,10 +80,59 @@ def prepare(
     return PreparedDataset(out)
 
 
+def parse_variant(name: str) -> tuple[str, dict[str, Any]]:
+    """A variant's ablation and its stage-1 settings (the module docstring's grammar), refused with the part named."""
+    ablation, *parts = name.split(":")
+    if ablation not in VARIANTS:
+        raise InvalidRequestError("variants", f"unknown {ablation!r} in {name!r}; choose from {', '.join(VARIANTS)}")
+    settings: dict[str, Any] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq and part in DISPERSION_SCALES:
+            key, parsed = "dispersion", part
+        elif eq and key in ("lambda", "tau"):
+            try:
+                parsed = float(value)
+            except ValueError:
+                parsed = math.nan
+            if not math.isfinite(parsed) or parsed < 0 or (key == "tau" and parsed == 0):
+                raise InvalidRequestError("variants", f"{key} in {name!r} must be a finite number >= 0 (tau > 0)")
+        else:
+            raise InvalidRequestError(
+                "variants",
+                f"unknown setting {part!r} in {name!r}: a dispersion form ({', '.join(DISPERSION_SCALES)}), "
+                "lambda=<x> or tau=<x>",
+            )
+        if key in settings:
+            raise InvalidRequestError("variants", f"{key} is given twice in {name!r}")
+        settings[key] = parsed
+    if ablation == "no_dispersion" and settings:
+        raise InvalidRequestError("variants", f"{name!r}: no_dispersion has no dispersion to set")
+    return ablation, settings
+
+
+def canonical_variant(name: str) -> str:
+    """One spelling per configuration (`premier:lambda=0.10:diag` is `premier:diag:lambda=0.1`): one run each."""
+    ablation, settings = parse_variant(name)
+    parts = [settings["dispersion"]] if "dispersion" in settings else []
+    parts += [f"{k}={settings[k]:g}" for k in ("lambda", "tau") if k in settings]
+    return ":".join([ablation, *parts])
+
+
+def variant_folder(name: str) -> str:
+    """The variant as a file name: `premier:dim:lambda=0.01` is `premier-dim-lambda0.01`."""
+    return canonical_variant(name).replace(":", "-").replace("=", "")
+
+
 def stage1_config(variant: str, base: Stage1Config) -> Stage1Config:
-    if variant not in VARIANTS:
-        raise InvalidRequestError("variant", f"must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    if variant == "no_dispersion":
+    ablation, settings = parse_variant(variant)
+    if "dispersion" in settings:
+        base = replace(base, dispersion_scale=settings["dispersion"])
+    if "lambda" in settings:
+        base = replace(base, lambda_shared=settings["lambda"], lambda_distinct=settings["lambda"])
+    if "tau" in settings:
+        base = replace(base, tau=settings["tau"])
+    if ablation == "no_dispersion":
         return replace(base, lambda_shared=0.0, lambda_distinct=0.0)
     return base
 
@@ -86,7 +142,7 @@ def build_trainer(
 ) -> Stage1Trainer:
     """A Stage1Trainer set up for one variant (see the module docstring)."""
     trainer = Stage1Trainer(flux, dataset, out, stage1_config(variant, base), premier_config)
-    adapters = trainer.model.adapters
+    adapters, variant = trainer.model.adapters, parse_variant(variant)[0]
     if variant in ("no_shared", "no_distinct"):
         silenced = adapters.shared if variant == "no_shared" else adapters.distinct
         with torch.no_grad():
@@ -106,6 +162,7 @@ def resume_trainer(
 ) -> Stage1Trainer | None:
     """A variant's interrupted run, continued from its last checkpoint to `steps` with its saved settings; None for
     the variants that train a subset of the parameters (their optimizer state does not map back: they restart)."""
+    variant = parse_variant(variant)[0]
     if variant in ("no_shared", "no_distinct"):
         return None
     trainer = Stage1Trainer.resume(flux, dataset, out, overrides={"steps": steps})
@@ -116,7 +173,7 @@ def resume_trainer(
 
 def use_variant(premier: PremierModel, variant: str, empty_text: torch.Tensor) -> PremierModel:
     """Make a loaded checkpoint behave as its variant at inference and in stage 2 (only no_ppm differs)."""
-    if variant == "no_ppm" and not isinstance(premier.adapters, EmptyPromptAdapters):
+    if parse_variant(variant)[0] == "no_ppm" and not isinstance(premier.adapters, EmptyPromptAdapters):
         premier.adapters = EmptyPromptAdapters(premier.adapters, empty_text)
     return premier
 

@@ -87,7 +87,9 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
         assert sum(results["pairs"][name]) / len(results["pairs"][name]) == pytest.approx(
             results["rows"][name]["alignment"], abs=1e-4
         )
-    assert "w/o PPM (empty prompt into the adapters) vs full Premier: alignment" in report and " ± " in report
+    # one test user: the difference, and no interval (it would be over images, which share the user's fit)
+    assert "w/o PPM (empty prompt into the adapters) vs full Premier: alignment " in report
+    assert "(one user: no interval)" in report and " ± " not in report
     for png in ("eval_fitting.png", "eval_table.png", "eval_examples.png"):
         assert (docs / png).stat().st_size > 0
     # The ablation runs are kept in WORK, and finished rows are reused by the next eval with the same settings.
@@ -147,7 +149,9 @@ def test_eval_runs_end_to_end_and_writes_its_report(tiny_world, tmp_path, capsys
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["eval", "--variants", "premier,bogus"], "unknown bogus"),
+        (["eval", "--variants", "premier,bogus"], "unknown 'bogus'"),
+        (["eval", "--variants", "premier:diag:tau=0"], "tau in 'premier:diag:tau=0' must be a finite number"),
+        (["eval", "--variants", "premier:diag,premier:diag"], "a variant is given twice"),
         (["eval", "--history", "99"], "history sizes must be in"),
         (["eval", "--baseline", "lora", "--lora-ranks", "999"], "rank: must be an integer in [1, 256], got 999"),
         (["world", "build", "--only", "data,nope"], "unknown step(s) nope"),
@@ -191,30 +195,25 @@ def test_world_show_writes_a_contact_sheet(tmp_path, capsys):
     assert "alice" in capsys.readouterr().out
 
 
-def test_paired_difference_and_its_reading():
-    from premier.world.report import findings, paired_difference
+def test_readings_give_intervals_over_users_never_over_images():
+    """Alignment differences in the reading: paired over (user, prompt), interval by a bootstrap over users. A user's
+    prompts share one fit, so a difference that one user carries is wide however many prompts it has."""
+    from premier.world.report import findings
 
-    a = [0.6, 0.7, 0.5, 0.65]
-    assert paired_difference(a, a) == (0.0, 0.0)
-    d, half = paired_difference(a, [x - 0.1 for x in a])  # a constant shift: no noise at all
-    assert d == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12)
-    d, half = paired_difference([0.1, 0.9, 0.2, 0.8], [0.5, 0.5, 0.5, 0.5])
-    assert d == pytest.approx(0.0) and half > 0.3
-    rows = {
-        k: {"alignment": sum(v) / len(v), "win_rate": 0.5, "text": 0.5, "distance": 0.5}
-        for k, v in {"base": [0.4] * 4, "premier": [0.6, 0.7, 0.6, 0.7], "no_ppm": [0.62, 0.68, 0.58, 0.72]}.items()
-    }
-    pairs = {"base": [0.4] * 4, "premier": [0.6, 0.7, 0.6, 0.7], "no_ppm": [0.62, 0.68, 0.58, 0.72]}
-    text = "\n".join(findings(rows, {}, pairs))
-    assert "Premier (full): alignment +0.250 ± " in text and "(higher)" in text
-    assert (
-        "w/o PPM (empty prompt into the adapters) vs full Premier: alignment +0.000 ± " in text
-        and "(within noise)" in text
-    )
+    users = {"base": [0.4] * 8, "premier": [0.6, 0.6, 0.7, 0.7, 0.6, 0.6, 0.7, 0.7], "no_ppm": [0.9] * 2 + [0.6] * 6}
+    rows = {k: {"alignment": sum(v) / 8, "win_rate": 0.5, "text": 0.5, "distance": 0.5} for k, v in users.items()}
+    text = "\n".join(findings(rows, {}, users, prompts_per_user=2))  # 4 users x 2 prompts
+    assert "Premier (full): alignment +0.250 [+0.200, +0.300] over 4 users (higher)" in text
+    assert "w/o PPM (empty prompt into the adapters) vs full Premier: alignment +0.025 [" in text
+    assert "over 4 users (within noise)" in text and "±" not in text
+    one = "\n".join(findings(rows, {}, {k: v[:2] for k, v in users.items()}, prompts_per_user=2))
+    assert "alignment +0.200 (one user: no interval)" in one
+    unknown = "\n".join(findings(rows, {}, users))
+    assert "(no interval: prompts per user unknown)" in unknown
 
 
 def test_sweep_comparisons_carry_an_interval_over_users():
-    """A baseline's sweep row against Premier's: the paired difference, and its bootstrap over users (a user's
+    """A baseline's sweep row against Premier's: the paired difference with its bootstrap over users (a user's
     prompts share one fit), which is wide when one user carries the difference."""
     from premier.world.report import findings, user_bootstrap
 
@@ -229,8 +228,10 @@ def test_sweep_comparisons_carry_an_interval_over_users():
             prompts_per_user=2,
         )
     )
-    assert "1 history images, baseline: LoRA rank 4 minus Premier's linear combination +0.133" in text
-    assert "by users: +0.133 [+0.000, +0.400] over 3 users" in text
+    assert (
+        "1 history images, baseline: LoRA rank 4 minus Premier's linear combination +0.133 [+0.000, +0.400] over 3 users"
+        in text
+    )
     mean, lo, hi = user_bootstrap([0.1, 0.1, 0.1])
     assert mean == pytest.approx(0.1) and lo == pytest.approx(0.1) and hi == pytest.approx(0.1)
 
@@ -293,3 +294,26 @@ def test_other_seeds_train_their_own_stage1_and_fit_with_their_own_seed(tiny_wor
     for flag, value in (("--stage1-seed", "-1"), ("--fit-seed", str(2**31))):
         assert main([*argv, flag, value]) == EXIT_BAD_INPUT
         assert f"{flag[2:].replace('-', '_')}: must be in [0, 2^31)" in capsys.readouterr().err
+
+
+def test_a_variant_with_other_dispersion_settings_trains_its_own_run_and_row(tiny_world, tmp_path, capsys):
+    """The dispersion comparisons (forms and the lambda sweep): `premier:diag:lambda=0.5` is its own stage-1 run,
+    trained with those settings and named by them, and its own row, read against full Premier."""
+    root, _ = tiny_world
+    work, docs = tmp_path / "work", tmp_path / "docs"
+    argv = ["eval", "--quick", "--world", str(root / "out"), "--work", str(work), "--docs", str(docs), "--quiet"]
+    assert main([*argv, "--variants", "premier,premier:lambda=0.50:diag", "--threads", "1"]) == 0
+    assert "eval: trained stage 1 'premier:diag:lambda=0.5'" in capsys.readouterr().out
+    saved = json.loads((work / "stage1-premier-diag-lambda0.5" / "eval-run.json").read_text())
+    assert saved["variant"] == "premier:diag:lambda=0.5"
+    from premier.files import read_safetensors
+    from premier.training.stage1 import TRAINER_STATE, latest_checkpoint
+
+    _, meta = read_safetensors(latest_checkpoint(work / "stage1-premier-diag-lambda0.5") / TRAINER_STATE, RuntimeError)
+    stage1 = json.loads(meta["config"])  # what the trainer ran with
+    assert stage1["dispersion_scale"] == "diag" and stage1["lambda_shared"] == stage1["lambda_distinct"] == 0.5
+    results = json.loads((docs / "eval.json").read_text())
+    assert set(results["rows"]) >= {"premier", "premier:diag:lambda=0.5"}
+    md = (docs / "eval.md").read_text()
+    assert "| Premier (full), dispersion diag, λ 0.5 |" in md
+    assert "- Premier (full), dispersion diag, λ 0.5 vs full Premier: alignment" in md
