@@ -274,10 +274,12 @@ def _transformer_only() -> Iterator[None]:
 def lora_tensors(
     source: str | Path | dict[str, torch.Tensor], transformer: FluxTransformer2DModel, rank: int
 ) -> dict[str, torch.Tensor]:
-    """What `load_lora_weights` takes: a file, checked by `read_lora`, or tensors in memory (a fit's names)."""
+    """What `load_lora_weights` takes: a file, checked by `read_lora`, or tensors in memory (a fit's names),
+    copied: peft adopts the tensors it is given as its parameters, so without the copy a later hot-swap
+    (an in-place copy into them) would overwrite the caller's first user."""
     if not isinstance(source, dict):
         return read_lora(source, transformer, rank)
-    return {k if k.startswith("transformer.") else f"transformer.{k}": v for k, v in source.items()}
+    return {k if k.startswith("transformer.") else f"transformer.{k}": v.detach().clone() for k, v in source.items()}
 
 
 class LoraSlot:
