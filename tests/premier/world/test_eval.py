@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -317,3 +318,16 @@ def test_a_variant_with_other_dispersion_settings_trains_its_own_run_and_row(tin
     md = (docs / "eval.md").read_text()
     assert "| Premier (full), dispersion diag, λ 0.5 |" in md
     assert "- Premier (full), dispersion diag, λ 0.5 vs full Premier: alignment" in md
+
+
+def test_a_report_links_the_world_doc_from_wherever_it_is_written(tmp_path):
+    import re
+
+    from premier.world.report import world_doc_link
+
+    repo = Path(__file__).resolve().parents[3]
+    for docs in (repo / "docs", repo / "docs" / "eval-v2" / "stage1-seed1", tmp_path / "elsewhere"):
+        link = re.fullmatch(r"\[docs/world\.md\]\((.+)\)", world_doc_link(docs))
+        assert link is not None
+        assert (docs / link.group(1)).resolve() == repo / "docs" / "world.md"
+    assert world_doc_link(repo / "docs") == "[docs/world.md](world.md)"
