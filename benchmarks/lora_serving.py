@@ -2,8 +2,9 @@
 
 Eight requests arrive at once from the users resident on the pipeline (1, 4, 8 or 32 of them;
 request i is user i mod N), all at the model's default settings, with distinct prompts and seeds.
-How each way serves them, in this process on the same pipeline, interleaved round-robin so that
-machine noise hits all alike:
+How each way serves them, in this process, interleaved round-robin so that machine noise hits all
+alike; each way on a pipeline of its own (the same model), so that peft's wrapped layers never
+slow Premier's forward or another rank's:
 
   premier          one batched forward per step for all eight (users are input tokens);
   base             the same batch without users (the floor);
@@ -12,7 +13,9 @@ machine noise hits all alike:
   lora-serial      one request at a time, the user's resident adapter activated (`set_adapters`);
   lora-hotswap     one request at a time through one adapter slot whose weights are replaced in place
                    (diffusers' hotswap; with `--compile`, the transformer's blocks compiled first, the path
-                   that avoids recompiling for each user); the users' LoRAs wait in memory.
+                   that avoids recompiling for each user); the users' LoRAs wait in memory;
+  premier-compiled with `--compile`: Premier's batch on a regionally compiled pipeline, the fair baseline
+                   for the compiled hot-swap (`images_per_s_over_premier_compiled`).
 
 Per mode: images/s (8 over the batch's wall time), p50/p99 latency (a serialized request waits
 for those before it), and the bytes of user state resident (Premier: the user tokens; LoRA: the
@@ -20,7 +23,7 @@ adapters). LoRAs are random (rank `--ranks`, on the attention projections, `prem
 costs what a fitted one costs. Models: the embedded one and the mid-size FLUX-architecture model
 of benchmarks/continuous.py (random weights). Also the per-user size at FLUX.1-dev, by computation.
 
-Run: `python benchmarks/lora_serving.py` (~10 min on 2 cores), `--quick`, `--models embedded`,
+Run: `python benchmarks/lora_serving.py` (~30 min on 2 cores with `--compile`), `--quick`, `--models embedded`,
 `--compile`. Writes JSON (`--out`, default benchmarks/results/<machine>/lora_serving.json) and a plot.
 """
 
@@ -82,6 +85,13 @@ def run_model(model: str, cfg: dict[str, Any], compile_blocks: bool, log: Callab
     pipe, _ = build_pipe(model)
     settings = pipe.default_settings()
     flux = pipe.flux_pipe.transformer
+    # With --compile, Premier and the hot-swap slots each get a pipeline of their own, compiled once per model
+    # (lazily, in the warm-up), so that compiled LoRA is compared with compiled Premier in one run.
+    compiled = build_pipe(model)[0].optimize(compile="regional") if compile_blocks else None
+    # Each rank's adapters on a pipeline of their own: peft's wrapped layers (and an adapter left active by the
+    # one-at-a-time runs) must not slow, or change, Premier's forward or another rank's.
+    lora_pipes = {rank: build_pipe(model)[0] for rank in cfg["ranks"]}
+    slots: dict[int, tuple[Any, Any]] = {}
     out: dict[str, Any] = {
         "model": model,
         "settings": vars(settings),
@@ -96,34 +106,48 @@ def run_model(model: str, cfg: dict[str, Any], compile_blocks: bool, log: Callab
         with_users = [GenerationRequest(r.prompt, tokens[who[i]], r.seed) for i, r in enumerate(reqs)]
         modes = {"premier": batched(pipe, with_users, settings), "base": batched(pipe, reqs, settings)}
         memory = {"premier": sum(t.numel() * t.element_size() for t in tokens), "base": 0}
+        if compiled is not None:
+            modes["premier-compiled"] = batched(compiled, with_users, settings)
+            memory["premier-compiled"] = memory["premier"]
         level: dict[str, Any] = {"resident_users": resident, "distinct_users_in_batch": len(set(who))}
         loras = {r: [random_lora_state(flux, r, seed=1000 * r + k) for k in range(resident)] for r in cfg["ranks"]}
         for rank, states in loras.items():
-            bank = LoraBank(pipe.flux_pipe, rank)
+            lora_pipe = lora_pipes[rank]
+            bank = LoraBank(lora_pipe.flux_pipe, rank)
             users = [f"r{rank}-user{k}" for k in range(resident)]
             for user, state in zip(users, states):
                 bank.load(user, state)
             order = [users[k] for k in who]
-            modes[f"lora-mixed-r{rank}"] = mixed(pipe, bank, order, reqs, settings)
-            modes[f"lora-serial-r{rank}"] = serial(pipe, bank, order, reqs, settings)
+            modes[f"lora-mixed-r{rank}"] = mixed(lora_pipe, bank, order, reqs, settings)
+            modes[f"lora-serial-r{rank}"] = serial(lora_pipe, bank, order, reqs, settings)
             memory[f"lora-mixed-r{rank}"] = memory[f"lora-serial-r{rank}"] = bank.resident_bytes()
             level[f"lora_parameters_per_user_r{rank}"] = sum(v.numel() for v in states[0].values())
         level["results"] = measure(modes, cfg["repeats"])
-        flux.unload_lora()  # the banks' adapters go; the hot-swap runs on a pipeline of their own
         for rank, states in loras.items():
-            swap_pipe = build_pipe(model)[0] if compile_blocks else pipe
-            slot = LoraSlot(swap_pipe.flux_pipe, rank, states[0])
+            lora_pipes[rank].flux_pipe.transformer.unload_lora()  # the bank's adapters go before the slot's
             if compile_blocks:
-                swap_pipe.optimize(compile="regional")
+                if rank not in slots:  # one compiled slot per rank: later users and levels only swap weights
+                    swap_pipe = build_pipe(model)[0]
+                    slots[rank] = (swap_pipe, LoraSlot(swap_pipe.flux_pipe, rank, states[0]))
+                    swap_pipe.optimize(compile="regional")
+                swap_pipe, slot = slots[rank]
+            else:
+                swap_pipe = lora_pipes[rank]
+                slot = LoraSlot(swap_pipe.flux_pipe, rank, states[0])
             level["results"][f"lora-hotswap-r{rank}"] = measure(
                 {"x": hotswap(swap_pipe, slot, [states[k] for k in who], reqs, settings)}, cfg["repeats"]
             )["x"]
             memory[f"lora-hotswap-r{rank}"] = sum(v.numel() * v.element_size() for st in states for v in st.values())
-            swap_pipe.flux_pipe.transformer.unload_lora()
+            if not compile_blocks:
+                swap_pipe.flux_pipe.transformer.unload_lora()
         base = level["results"]["premier"]["images_per_s"]
         for mode, r in level["results"].items():
             r["user_state_bytes"] = memory[mode]
             r["images_per_s_over_premier"] = round(r["images_per_s"] / base, 3)
+            if compiled is not None:
+                r["images_per_s_over_premier_compiled"] = round(
+                    r["images_per_s"] / level["results"]["premier-compiled"]["images_per_s"], 3
+                )
         out["levels"].append(level)
         log(
             f"{model} resident {resident}: "

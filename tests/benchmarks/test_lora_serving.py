@@ -1,4 +1,4 @@
-"""benchmarks/lora_serving.py: Premier vs per-user LoRA serving, a quick run on the embedded model."""
+"""benchmarks/lora_serving.py: Premier vs per-user LoRA serving, a quick compiled run on the embedded model."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from benchmarks import lora_serving
 
 def test_lora_serving_quick(tmp_path):
     out = tmp_path / "lora_serving.json"
-    lora_serving.main(["--quick", "--out", str(out)])
+    lora_serving.main(["--quick", "--compile", "--out", str(out)])
     data = json.loads(out.read_text())
     (res,) = data["results"]
     assert res["model"] == "embedded" and [lv["resident_users"] for lv in res["levels"]] == [1, 8]
-    modes = {"premier", "base", "lora-mixed-r4", "lora-serial-r4", "lora-hotswap-r4"}
+    assert data["config"]["compile"] is True
+    modes = {"premier", "premier-compiled", "base", "lora-mixed-r4", "lora-serial-r4", "lora-hotswap-r4"}
     for level in res["levels"]:
         r = level["results"]
         assert set(r) == modes
@@ -23,6 +24,8 @@ def test_lora_serving_quick(tmp_path):
         assert r["premier"]["latency_p50_ms"] == r["premier"]["latency_p99_ms"]
         assert r["lora-serial-r4"]["latency_p50_ms"] < r["lora-serial-r4"]["latency_p99_ms"]
         assert r["premier"]["images_per_s_over_premier"] == 1.0
+        assert r["premier-compiled"]["images_per_s_over_premier_compiled"] == 1.0
+        assert r["premier-compiled"]["user_state_bytes"] == r["premier"]["user_state_bytes"]
         n = level["resident_users"]
         per_user = level["lora_parameters_per_user_r4"]
         assert r["lora-mixed-r4"]["user_state_bytes"] == r["lora-serial-r4"]["user_state_bytes"] == 4 * per_user * n
