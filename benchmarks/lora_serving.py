@@ -85,8 +85,8 @@ def run_model(model: str, cfg: dict[str, Any], compile_blocks: bool, log: Callab
     pipe, _ = build_pipe(model)
     settings = pipe.default_settings()
     flux = pipe.flux_pipe.transformer
-    # With --compile, Premier and the hot-swap slots each get a pipeline of their own, compiled once per model
-    # (lazily, in the warm-up), so that compiled LoRA is compared with compiled Premier in one run.
+    # With --compile, Premier and the hot-swap slots are compiled once per model (lazily, in the warm-up), so that
+    # compiled LoRA is compared with compiled Premier in one run.
     compiled = build_pipe(model)[0].optimize(compile="regional") if compile_blocks else None
     # Each rank's adapters on a pipeline of their own: peft's wrapped layers (and an adapter left active by the
     # one-at-a-time runs) must not slow, or change, Premier's forward or another rank's.
@@ -124,22 +124,17 @@ def run_model(model: str, cfg: dict[str, Any], compile_blocks: bool, log: Callab
             level[f"lora_parameters_per_user_r{rank}"] = sum(v.numel() for v in states[0].values())
         level["results"] = measure(modes, cfg["repeats"])
         for rank, states in loras.items():
-            lora_pipes[rank].flux_pipe.transformer.unload_lora()  # the bank's adapters go before the slot's
-            if compile_blocks:
-                if rank not in slots:  # one compiled slot per rank: later users and levels only swap weights
-                    swap_pipe = build_pipe(model)[0]
-                    slots[rank] = (swap_pipe, LoraSlot(swap_pipe.flux_pipe, rank, states[0]))
+            lora_pipes[rank].flux_pipe.transformer.unload_lora()  # the next level loads its own users
+            if rank not in slots:  # one slot per rank, on its own pipeline: later users and levels only swap weights
+                swap_pipe = build_pipe(model)[0]
+                slots[rank] = (swap_pipe, LoraSlot(swap_pipe.flux_pipe, rank, states[0]))
+                if compile_blocks:
                     swap_pipe.optimize(compile="regional")
-                swap_pipe, slot = slots[rank]
-            else:
-                swap_pipe = lora_pipes[rank]
-                slot = LoraSlot(swap_pipe.flux_pipe, rank, states[0])
+            swap_pipe, slot = slots[rank]
             level["results"][f"lora-hotswap-r{rank}"] = measure(
                 {"x": hotswap(swap_pipe, slot, [states[k] for k in who], reqs, settings)}, cfg["repeats"]
             )["x"]
             memory[f"lora-hotswap-r{rank}"] = sum(v.numel() * v.element_size() for st in states for v in st.values())
-            if not compile_blocks:
-                swap_pipe.flux_pipe.transformer.unload_lora()
         base = level["results"]["premier"]["images_per_s"]
         for mode, r in level["results"].items():
             r["user_state_bytes"] = memory[mode]
